@@ -1,0 +1,357 @@
+"""The generation engine: iteration-level scheduling over a preallocated KV cache.
+
+Each ``step()`` produces one token for every running request, in at most three batched forwards:
+- *prefill*: newly admitted prompts, packed end to end into one sequence (no padding), written to
+  their cache rows;
+- *decode*: one token for every cached request, rows 0..B-1 of the cache in one forward;
+- *window*: requests whose context is longer than ``block_size``. The seed crops the context to its
+  last ``block_size`` tokens and runs them at positions 0..block_size-1, so nothing cached survives
+  the shift: these (and only these) recompute their window every step.
+Requests join between steps and leave as soon as they finish; the cache rows of running requests are
+kept contiguous so the decode forward reads a view of the cache, not a gathered copy.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+from tokenizers import Tokenizer
+
+from .detokenizer import IncrementalDetokenizer
+from .model import GPT, DecodeWrite, KVCache, PrefillWrite
+from .sampling import ParameterError, SamplingParams, sample
+
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|eos|>")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens: int = 1024  # largest max_tokens a request may ask for
+    max_prompt_tokens: int = 2048  # longest prompt, in tokens (longer than block_size is allowed)
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request."""
+
+    request_id: Hashable
+    token_ids: list[int]  # tokens generated this step
+    text: str  # text completed this step; pieces join to the final generated text
+    finish_reason: str | None = None  # "stop" or "length" once finished
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Completion:
+    request_id: Hashable
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass(eq=False)
+class _Request:
+    id: Hashable
+    context: list[int]  # prompt + generated tokens
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer | None
+    stop_ids: frozenset[int]
+    cached: int = 0  # positions of this request written to its cache row
+    text: str = ""  # generated text, decoded cleanly so far
+    emitted: int = 0  # characters of ``text`` already handed out
+    finish_reason: str | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.context[self.prompt_len :]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer | None = None,
+        max_batch: int = 32,
+        limits: Limits = Limits(),
+        max_prefill_tokens: int = 1024,
+        eos_token_id: int | None = None,
+    ):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.limits = limits
+        self.max_prefill_tokens = max_prefill_tokens  # bounds how long one step can stall decoding
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = KVCache(self.config, max_batch, self.device, self.dtype)
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _find_eos(tokenizer)
+        self.waiting: deque[_Request] = deque()
+        self.rows: list[_Request] = []  # index = KV cache row
+        self.windowed: list[_Request] = []  # context longer than block_size: no cache row
+
+    # ----- requests in and out -----
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def add_request(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams):
+        """Queue a request; it joins the running batch at the next step with a free slot."""
+        if params.max_tokens > self.limits.max_tokens:
+            raise ParameterError(
+                "max_tokens", f"must be <= {self.limits.max_tokens}, got {params.max_tokens}"
+            )
+        if not prompt_ids:
+            raise ParameterError("prompt", "must encode to at least one token")
+        if len(prompt_ids) > self.limits.max_prompt_tokens:
+            raise ParameterError(
+                "prompt",
+                f"is {len(prompt_ids)} tokens, longer than the limit of {self.limits.max_prompt_tokens}",
+            )
+        if max(prompt_ids) >= self.config.vocab_size or min(prompt_ids) < 0:
+            raise ParameterError("prompt", f"has token ids outside [0, {self.config.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise ParameterError("stop", "needs a tokenizer")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        stop_ids = {self.eos_token_id} if self.eos_token_id is not None else set()
+        if self.tokenizer is not None:
+            # a stop string that is one (special) token may never appear in the decoded text
+            stop_ids |= {i for s in params.stop if (i := self.tokenizer.token_to_id(s)) is not None}
+        self.waiting.append(
+            _Request(
+                id=request_id,
+                context=list(prompt_ids),
+                prompt_len=len(prompt_ids),
+                params=params,
+                generator=generator,
+                detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
+                stop_ids=frozenset(stop_ids),
+            )
+        )
+
+    def abort(self, request_id: Hashable) -> bool:
+        """Drop a request wherever it is (e.g. its client went away). Returns whether it was found."""
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                return True
+        for req in self.rows + self.windowed:
+            if req.id == request_id:
+                self._retire([req])
+                return True
+        return False
+
+    @property
+    def running(self) -> int:
+        return len(self.rows) + len(self.windowed)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.rows or self.windowed)
+
+    # ----- one iteration -----
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Generate one token for every running request (admitting waiting ones first)."""
+        decoding = list(self.rows)
+        windowed = list(self.windowed)
+        admitted = self._admit()
+        prefill = [r for r in admitted if len(r.context) <= self.config.block_size]
+        windowed += [r for r in admitted if len(r.context) > self.config.block_size]
+        self.windowed = windowed
+
+        requests, logits = [], []
+        for reqs, forward in ((decoding, self._decode), (prefill, self._prefill), (windowed, self._window)):
+            if reqs:
+                logits.append(forward(reqs))
+                requests += reqs
+        if not requests:
+            return []
+        tokens = sample(
+            torch.cat(logits), [r.params for r in requests], [r.generator for r in requests]
+        ).tolist()
+        outputs = [self._append(req, token) for req, token in zip(requests, tokens)]
+        self._retire([r for r in requests if r.finish_reason is not None])
+        self._evict_full_rows()
+        return outputs
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        """Run requests to completion on an otherwise idle engine (batch jobs, tests, benchmarks)."""
+        assert not self.has_work(), "generate() needs the engine to itself"
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self.add_request(i, prompt, p)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        pieces: list[list[str]] = [[] for _ in prompts]
+        results: list[Completion | None] = [None] * len(prompts)
+        while self.has_work():
+            for out in self.step():
+                tokens[out.request_id] += out.token_ids
+                pieces[out.request_id].append(out.text)
+                if out.finished:
+                    results[out.request_id] = Completion(
+                        out.request_id,
+                        tokens[out.request_id],
+                        "".join(pieces[out.request_id]),
+                        out.finish_reason,
+                        out.prompt_tokens,
+                    )
+        return results
+
+    # ----- scheduling -----
+
+    def _admit(self) -> list[_Request]:
+        admitted, budget = [], self.max_prefill_tokens
+        while self.waiting and self.running + len(admitted) < self.max_batch:
+            req = self.waiting[0]
+            cost = min(len(req.context), self.config.block_size)
+            if admitted and cost > budget:
+                break  # the rest waits for the next step; one request is always admitted
+            budget -= cost
+            admitted.append(self.waiting.popleft())
+        for req in admitted:
+            if len(req.context) <= self.config.block_size:
+                self.rows.append(req)
+        return admitted
+
+    def _retire(self, finished: list[_Request]) -> None:
+        """Free the cache rows of ``finished``, moving the last rows down to keep rows contiguous."""
+        gone = set(map(id, finished))
+        self.windowed = [r for r in self.windowed if id(r) not in gone]
+        for row in sorted((i for i, r in enumerate(self.rows) if id(r) in gone), reverse=True):
+            last = len(self.rows) - 1
+            if row != last:
+                self.cache.move_row(last, row, self.rows[last].cached)
+                self.rows[row] = self.rows[last]
+            self.rows.pop()
+
+    def _evict_full_rows(self) -> None:
+        """A request whose context outgrew block_size leaves the cache for the window path."""
+        full = [r for r in self.rows if len(r.context) > self.config.block_size]
+        if full:
+            self._retire(full)
+            self.windowed += full
+
+    # ----- forwards: each returns last-position logits (B, vocab) -----
+
+    def _prefill(self, reqs: list[_Request]) -> torch.Tensor:
+        row_of = {id(r): i for i, r in enumerate(self.rows)}
+        ids, positions, rows, seg = [], [], [], []
+        for n, req in enumerate(reqs):
+            length = len(req.context)
+            ids += req.context
+            positions += range(length)
+            rows += [row_of[id(req)]] * length
+            seg += [n] * length
+            req.cached = length
+        dev = self.device
+        ids_t = torch.tensor([ids], device=dev)
+        pos_t = torch.tensor([positions], device=dev)
+        seg_t = torch.tensor(seg, device=dev)
+        # block-diagonal causal mask: a token sees earlier tokens of its own prompt only
+        mask = (seg_t[:, None] == seg_t[None, :]) & (pos_t[0][:, None] >= pos_t[0][None, :])
+        write = PrefillWrite(self.cache, torch.tensor(rows, device=dev), pos_t[0])
+        h = self.model.hidden(ids_t, pos_t, mask, write)  # (1, N, C)
+        last = torch.tensor([len(r.context) for r in reqs], device=dev).cumsum(0) - 1
+        return self.model.head(h[0, last])
+
+    def _decode(self, reqs: list[_Request]) -> torch.Tensor:
+        assert reqs == self.rows[: len(reqs)], "decode rows must be the leading cache rows"
+        dev = self.device
+        positions = torch.tensor([r.cached for r in reqs], device=dev)  # (B,)
+        ids = torch.tensor([[r.context[-1]] for r in reqs], device=dev)  # (B, 1)
+        kv_len = max(r.cached for r in reqs) + 1
+        mask = torch.arange(kv_len, device=dev)[None, :] <= positions[:, None]  # (B, kv_len)
+        write = DecodeWrite(self.cache, positions, kv_len)
+        h = self.model.hidden(ids, positions[:, None], mask[:, None, None, :], write)  # (B, 1, C)
+        for r in reqs:
+            r.cached += 1
+        return self.model.head(h[:, -1])
+
+    def _window(self, reqs: list[_Request]) -> torch.Tensor:
+        bs = self.config.block_size
+        ids = torch.tensor([r.context[-bs:] for r in reqs], device=self.device)  # (R, bs)
+        positions = torch.arange(bs, device=self.device).unsqueeze(0)
+        return self.model.head(self.model.hidden(ids, positions)[:, -1])
+
+    # ----- per-token bookkeeping -----
+
+    def _append(self, req: _Request, token: int) -> StepOutput:
+        req.context.append(token)
+        n_generated = len(req.context) - req.prompt_len
+        hit_stop_id = token in req.stop_ids
+        done = hit_stop_id or n_generated >= req.params.max_tokens
+        if req.detokenizer is not None:
+            req.text += req.detokenizer.add([token])
+            if done:
+                req.text += req.detokenizer.flush()
+        if hit_stop_id or self._cut_at_stop_string(req):
+            req.finish_reason = "stop"
+        elif done:
+            req.finish_reason = "length"
+        text = self._emit(req) if req.detokenizer is not None else ""
+        return StepOutput(req.id, [token], text, req.finish_reason, req.prompt_len, n_generated)
+
+    def _cut_at_stop_string(self, req: _Request) -> bool:
+        """Truncate ``req.text`` before the first stop string; True if one was found."""
+        if not req.params.stop:
+            return False
+        # emitted text never ends in a partial stop string (see _emit), so a match starts after it
+        hits = [i for s in req.params.stop if (i := req.text.find(s, req.emitted)) >= 0]
+        if not hits:
+            return False
+        req.text = req.text[: min(hits)]
+        return True
+
+    def _emit(self, req: _Request) -> str:
+        """Text safe to hand out: hold back a tail that could still grow into a stop string."""
+        end = len(req.text)
+        if req.finish_reason is None and req.params.stop:
+            end -= _partial_stop_suffix(req.text, req.params.stop)
+        end = max(end, req.emitted)
+        piece = req.text[req.emitted : end]
+        req.emitted = end
+        return piece
+
+
+def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+def _find_eos(tokenizer: Tokenizer | None) -> int | None:
+    if tokenizer is None:
+        return None
+    for name in EOS_TOKENS:
+        if (token_id := tokenizer.token_to_id(name)) is not None:
+            return token_id
+    return None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` = cuda if available, else mps, else cpu; anything else is passed to torch.device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

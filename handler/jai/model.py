@@ -1,0 +1,158 @@
+"""The JAI GPT: the seed's nanoGPT architecture, with a KV-cache-aware forward.
+
+Parameter names match the seed's checkpoint (``tok_emb``, ``pos_emb``, ``blocks.N.attn.c_attn``, ...)
+so a trained ``state_dict`` loads without renaming. This module does no I/O: see ``checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 24000  # rows of tok_emb and head: the tokenizer's id space
+    block_size: int = 256  # rows of pos_emb: the longest context the model was trained on
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads; not visible in tensor shapes, so stored or configured
+    n_embd: int = 384  # residual stream width; n_embd / n_head is the head size
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache:
+    """Keys and values of every cached token, preallocated and written by position.
+
+    ``k[layer]`` and ``v[layer]`` are ``(rows, n_head, block_size, head_dim)``: one row per request
+    being decoded. Rows are filled by the engine; this class only stores and moves them.
+    """
+
+    def __init__(self, config: GPTConfig, rows: int, device, dtype):
+        shape = (config.n_layer, rows, config.n_head, config.block_size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of row ``src`` into row ``dst`` (used to compact rows)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class PrefillWrite:
+    """Packed prompts: write each token's k/v to (row, position) and attend within the packed batch."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor):
+        self.cache, self.rows, self.positions = cache, rows, positions  # (N,), (N,)
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (1, nh, N, hs); the cache index [rows, :, positions] addresses (N, nh, hs)
+        self.cache.k[layer][self.rows, :, self.positions] = k[0].transpose(0, 1)
+        self.cache.v[layer][self.rows, :, self.positions] = v[0].transpose(0, 1)
+        return k, v
+
+
+class DecodeWrite:
+    """One new token for each of rows 0..B-1: write it at its position, attend to the row's prefix."""
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor, kv_len: int):
+        self.cache, self.positions, self.kv_len = cache, positions, kv_len  # (B,), int
+        self.rows = torch.arange(len(positions), device=positions.device)
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, nh, 1, hs)
+        B = k.shape[0]
+        self.cache.k[layer][self.rows, :, self.positions] = k[:, :, 0]
+        self.cache.v[layer][self.rows, :, self.positions] = v[:, :, 0]
+        return self.cache.k[layer][:B, :, : self.kv_len], self.cache.v[layer][:B, :, : self.kv_len]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, mask=None, kv_write=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_write is not None:
+            k, v = kv_write(self.layer, k, v)  # (B, nh, T_kv, hs)
+        # mask=None means a plain causal sequence starting at position 0, as in training
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU()  # exact erf GELU, as trained
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, kv_write=None):
+        x = x + self.attn(self.ln_1(x), mask, kv_write)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.Sequential(*[Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def hidden(self, idx, positions, mask=None, kv_write=None):
+        """Final hidden states ``(B, T, C)`` of tokens ``idx`` at ``positions`` (both ``(B, T)``)."""
+        x = self.tok_emb(idx) + self.pos_emb(positions)
+        for block in self.blocks:
+            x = block(x, mask, kv_write)
+        return self.ln_f(x)
+
+    def forward(self, idx):
+        """Logits ``(B, T, vocab)`` of a causal sequence at positions 0..T-1 (the training forward)."""
+        positions = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
+        return self.head(self.hidden(idx, positions))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
