@@ -1,0 +1,129 @@
+"""The engine against the seed's no-cache reference, and its scheduling behaviour."""
+
+import pytest
+import torch
+
+from conftest import FULL, TINY
+from jai import Engine, SamplingParams, load_model
+
+
+def reference_greedy(reference, prompt, max_tokens):
+    out = reference.generate(torch.tensor([prompt]), max_tokens, temperature=1.0, top_k=1)
+    return out[0, len(prompt) :].tolist()
+
+
+def prompt_of(length, offset=3, vocab=TINY["vocab_size"]):
+    return [(offset + 7 * i) % vocab for i in range(length)]
+
+
+BS = TINY["block_size"]
+
+
+@pytest.mark.parametrize(
+    "prompt_len, max_tokens",
+    [
+        (1, 2 * BS + 10),  # cache, then the window path, past 2 x block_size
+        (5, 40),
+        (BS - 1, 10),  # fills the cache exactly, then leaves it
+        (BS, 5),  # the first token already needs the window
+        (BS + 7, 2 * BS),  # prompt longer than block_size
+    ],
+)
+@pytest.mark.parametrize("greedy", [dict(top_k=1), dict(temperature=0)])
+def test_greedy_matches_seed_reference(tiny_model, tiny_reference, prompt_len, max_tokens, greedy):
+    prompt = prompt_of(prompt_len)
+    engine = Engine(tiny_model, max_batch=4)
+    [result] = engine.generate([prompt], [SamplingParams(max_tokens=max_tokens, **greedy)])
+    assert result.token_ids == reference_greedy(tiny_reference, prompt, max_tokens)
+    assert result.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "prompt_len, max_tokens",
+    [(1, 24), (250, 12), (500, 13)],  # cache; crossing block_size; prompt + max_tokens > 2 x 256
+)
+def test_greedy_matches_seed_reference_full_shape(full_ckpt, prompt_len, max_tokens):
+    path, reference = full_ckpt
+    model = load_model(path)
+    assert model.config.vocab_size == FULL["vocab_size"] and model.config.n_layer == FULL["n_layer"]
+    prompt = prompt_of(prompt_len, vocab=FULL["vocab_size"])
+    [result] = Engine(model, max_batch=2).generate([prompt], [SamplingParams(max_tokens, top_k=1)])
+    assert result.token_ids == reference_greedy(reference, prompt, max_tokens)
+
+
+BATCH_REQUESTS = [
+    (prompt_of(3, 1), SamplingParams(max_tokens=50, temperature=0)),
+    (prompt_of(12, 2), SamplingParams(max_tokens=20, temperature=0.9, top_k=40, seed=11)),
+    (prompt_of(1, 3), SamplingParams(max_tokens=60, temperature=1.2, top_k=None, seed=12)),
+    (prompt_of(30, 4), SamplingParams(max_tokens=9, temperature=0.7, top_p=0.8, seed=13)),
+    (prompt_of(BS + 4, 5), SamplingParams(max_tokens=15, top_k=1)),
+    (prompt_of(7, 6), SamplingParams(max_tokens=33, temperature=0.8, top_k=5, top_p=0.9, seed=14)),
+    (prompt_of(20, 7), SamplingParams(max_tokens=1, temperature=0.5, seed=15)),
+    (prompt_of(16, 8), SamplingParams(max_tokens=45, top_k=1)),
+]
+
+
+def test_request_is_the_same_alone_and_in_a_staggered_batch(tiny_model):
+    alone = [
+        Engine(tiny_model, max_batch=8).generate([prompt], [params])[0].token_ids
+        for prompt, params in BATCH_REQUESTS
+    ]
+    engine = Engine(tiny_model, max_batch=8)
+    tokens = {i: [] for i in range(len(BATCH_REQUESTS))}
+    finished, step = set(), 0
+    while len(finished) < len(BATCH_REQUESTS):
+        if step < len(BATCH_REQUESTS):  # one new request joins at each step
+            engine.add_request(step, *BATCH_REQUESTS[step])
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                finished.add(out.request_id)
+        step += 1
+        assert engine.running <= 8
+    assert [tokens[i] for i in range(len(BATCH_REQUESTS))] == alone
+    assert not engine.has_work() and engine.rows == []
+
+
+def test_max_batch_bounds_running_requests_and_queue_drains(tiny_model):
+    engine = Engine(tiny_model, max_batch=3)
+    for i in range(7):
+        engine.add_request(i, prompt_of(4, i), SamplingParams(max_tokens=5, temperature=0))
+    finished_at = {}
+    step = 0
+    while engine.has_work():
+        outputs = engine.step()
+        assert len(outputs) <= 3 and engine.running <= 3
+        finished_at.update({o.request_id: step for o in outputs if o.finished})
+        step += 1
+    assert sorted(finished_at) == list(range(7))
+    assert finished_at[0] < finished_at[6]  # first come, first served
+
+
+def test_prefill_budget_spreads_admission_over_steps(tiny_model):
+    engine = Engine(tiny_model, max_batch=8, max_prefill_tokens=25)
+    for i in range(4):
+        engine.add_request(i, prompt_of(10, i), SamplingParams(max_tokens=3, temperature=0))
+    first = engine.step()
+    assert [o.request_id for o in first] == [0, 1]  # 10 + 10 fit the budget, the third waits
+    assert len(engine.waiting) == 2
+
+
+def test_abort_frees_the_row_and_keeps_others_exact(tiny_model):
+    params = SamplingParams(max_tokens=30, temperature=0)
+    expected = Engine(tiny_model).generate([prompt_of(6, 9)], [params])[0].token_ids
+    engine = Engine(tiny_model, max_batch=4)
+    engine.add_request("a", prompt_of(5, 1), params)
+    engine.add_request("b", prompt_of(6, 9), params)
+    got = []
+    for step in range(30):
+        if step == 3:
+            assert engine.abort("a")
+            assert [r.id for r in engine.rows] == ["b"]
+        got += [t for o in engine.step() if o.request_id == "b" for t in o.token_ids]
+    assert got == expected
+    assert not engine.abort("a")
+
+
+def test_usage_counts(tiny_engine):
+    [result] = tiny_engine.generate([prompt_of(9)], [SamplingParams(max_tokens=4, temperature=0)])
+    assert result.prompt_tokens == 9 and len(result.token_ids) == 4
