@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Pack a trained JAI checkpoint and its tokenizer into model_store/jai.mar for TorchServe.
+set -euo pipefail
+
+usage() {
+    cat <<USAGE
+usage: ./archive.sh [--checkpoint PATH] [--tokenizer PATH]
+
+Packs PATH (default checkpoints/ckpt.pt), the tokenizer (default data/tokenizer.json), the handler
+(handler/jai_handler.py and the handler/jai package) and model-config.yaml into model_store/jai.mar,
+replacing an older one. The checkpoint is loaded once first, so a file that cannot serve fails here.
+USAGE
+}
+
+cd "$(dirname "$0")"
+checkpoint=checkpoints/ckpt.pt
+tokenizer=data/tokenizer.json
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --checkpoint) checkpoint=${2:?--checkpoint needs a path}; shift 2 ;;
+        --tokenizer) tokenizer=${2:?--tokenizer needs a path}; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "archive.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+    esac
+done
+for file in "$checkpoint" "$tokenizer"; do
+    if [[ ! -f "$file" ]]; then
+        echo "archive.sh: $file not found (see --help; 'make demo' builds a demo model)" >&2
+        exit 1
+    fi
+done
+
+bin=.venv/bin
+[[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
+
+"$bin/python" - "$checkpoint" "$tokenizer" <<'PY'
+import sys
+sys.path.insert(0, "handler")
+from jai import CheckpointError, load_model, load_tokenizer
+try:
+    model = load_model(sys.argv[1])
+    load_tokenizer(sys.argv[2], model.config.vocab_size)
+except CheckpointError as exc:
+    sys.exit(f"archive.sh: {exc}")
+print(f"archive.sh: {sys.argv[1]} OK: {model.num_parameters() / 1e6:.1f}M parameters, {model.config}")
+PY
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/src" model_store
+cp "$checkpoint" "$stage/ckpt.pt"          # names the handler reads (model-config.yaml handler:)
+cp "$tokenizer" "$stage/tokenizer.json"
+cp -r handler/jai "$stage/src/jai"          # --extra-files copies a folder's contents: src/ -> jai/
+find "$stage/src" -name __pycache__ -prune -exec rm -rf {} +
+
+TMPDIR=$stage "$bin/torch-model-archiver" \
+    --model-name jai \
+    --version 1.0 \
+    --handler handler/jai_handler.py \
+    --extra-files "$stage/ckpt.pt,$stage/tokenizer.json,$stage/src" \
+    --config-file model-config.yaml \
+    --export-path model_store \
+    --force
+echo "archive.sh: wrote model_store/jai.mar ($(du -h model_store/jai.mar | cut -f1))"

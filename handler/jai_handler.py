@@ -1,0 +1,275 @@
+"""TorchServe handler for JAI: a thin adapter between TorchServe's batches and ``jai.Engine``.
+
+With ``continuousBatching: true`` (our configuration) every ``handle()`` call is ONE engine step over
+the requests TorchServe currently holds: new requests arrive with a body and are admitted, running
+ones arrive again without a body, and a request missing from the batch has disconnected. Each
+request's reply says whether it continues (``context.stopping_criteria``). With TorchServe's default
+batcher the same handler runs its batch to completion and streams with intermediate responses.
+
+Never raise out of ``handle()``: TorchServe would fail every request of the batch. Bad input is a
+400 for that request alone; an engine failure is a 500 for the requests it touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.torch_handler.base_handler import BaseHandler
+
+from jai import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
+from jai.api import Defaults, GenerationRequest, InvalidRequest, completion_body, error_body, parse_request
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``handler:`` block of model-config.yaml. Every key is read; unknown keys are refused."""
+
+    checkpoint: str = "ckpt.pt"  # file names inside the archive (archive.sh packs them)
+    tokenizer: str = "tokenizer.json"
+    n_head: int = 6  # used only when the checkpoint does not store its config
+    device: str = "auto"  # auto = TorchServe's GPU when it gives one, else cpu
+    dtype: str = "float32"  # or bfloat16
+    threads: int = 0  # torch threads per worker; 0 = leave torch's default
+    max_prefill_tokens: int = 512  # prompt tokens admitted per step: bounds a step's stall
+    max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
+    max_prompt_tokens: int = 2048  # longest prompt, in tokens
+    log_prompt_chars: int = 0  # characters of the prompt in the request log (0: none, it may be personal)
+    defaults: dict = field(default_factory=dict)  # request defaults: max_tokens, temperature, top_k, top_p
+
+    @classmethod
+    def from_yaml(cls, block: dict | None) -> "Settings":
+        block = dict(block or {})
+        unknown = sorted(set(block) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"model-config.yaml handler: unknown key(s) {unknown}")
+        return cls(**block)
+
+
+@dataclass
+class _Running:
+    """A request TorchServe has handed us and not yet been answered in full."""
+
+    request: GenerationRequest
+    started: float
+    steps: int = 0  # handle() calls that carried this request
+    first_token_at: float | None = None
+    pieces: list[str] = field(default_factory=list)
+    unsent_ids: list[int] = field(default_factory=list)  # tokens not yet in a stream line
+    unsent_text: str = ""
+
+
+class JAIHandler(BaseHandler):
+    def initialize(self, context):
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        yaml_config = context.model_yaml_config or {}
+        self.settings = Settings.from_yaml(yaml_config.get("handler"))
+        self.defaults = Defaults(**self.settings.defaults)
+        self.continuous = bool(yaml_config.get("continuousBatching", False))
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        self.device = self._device(properties)
+        checkpoint = model_dir / self.settings.checkpoint
+        model = load_model(checkpoint, self.settings.n_head, self.device, getattr(torch, self.settings.dtype))
+        tokenizer = load_tokenizer(model_dir / self.settings.tokenizer, model.config.vocab_size)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            max_batch=int(yaml_config.get("batchSize", 1)),
+            limits=Limits(self.settings.max_tokens_limit, self.settings.max_prompt_tokens),
+            max_prefill_tokens=self.settings.max_prefill_tokens,
+        )
+        self.description = {
+            "device": str(self.device),
+            "dtype": self.settings.dtype,
+            "parameters": model.num_parameters(),
+            "vocab_size": model.config.vocab_size,
+            "block_size": model.config.block_size,
+            "n_layer": model.config.n_layer,
+            "n_head": model.config.n_head,
+            "n_embd": model.config.n_embd,
+            "checkpoint_sha256": file_sha256(checkpoint),
+            "max_batch": self.engine.max_batch,
+            "continuous_batching": self.continuous,
+            "torch_threads": torch.get_num_threads(),
+        }
+        self.running: dict[str, _Running] = {}
+        self.context = context
+        self.initialized = True
+        logger.info("JAI ready: %s", self.description)
+
+    def _device(self, properties) -> torch.device:
+        if self.settings.device != "auto":
+            return torch.device(self.settings.device)
+        gpu_id = properties.get("gpu_id")
+        if gpu_id is not None and torch.cuda.is_available():
+            return torch.device(f"cuda:{gpu_id}")
+        return torch.device("cpu")
+
+    def describe_handle(self):
+        return json.dumps({**self.description, "running_requests": len(self.running)})
+
+    # ----- TorchServe entry point -----
+
+    def handle(self, data, context):
+        replies = {}
+        try:
+            self.preprocess(data, context, replies)
+            if not self.continuous:
+                return self._run_to_completion(context, replies)
+            outputs = self.inference()
+            return self.postprocess(outputs, context, replies)
+        except Exception:  # never let one failure fail the batch through TorchServe
+            logger.exception("engine step failed; answering 500 to the requests of this batch")
+            return self._fail_all(context)
+
+    def preprocess(self, data, context, replies):
+        """Admit new requests into the engine; answer bad ones with a 400 now; forget vanished ones."""
+        present = set(context.request_ids.values())
+        for request_id in [r for r in self.running if r not in present]:
+            self.engine.abort(request_id)  # its client disconnected: free the slot
+            self._log(request_id, self.running.pop(request_id), "aborted", 0, 0)
+        for idx, row in enumerate(data):
+            request_id = context.request_ids[idx]
+            if request_id in self.running:
+                continue
+            try:
+                request = parse_request(row.get("body", row.get("data")), self.defaults)
+                prompt_ids = self.engine.encode(request.prompt)
+                self.engine.add_request(request_id, prompt_ids, request.params)
+            except InvalidRequest as exc:
+                replies[idx] = (400, _json(error_body(400, str(exc))))
+            except ParameterError as exc:  # the engine's configured limits (max_tokens, prompt length)
+                replies[idx] = (400, _json(error_body(400, f"{exc.field}: {exc.problem}")))
+            else:
+                self.running[request_id] = _Running(request, time.perf_counter())
+
+    def inference(self):
+        return {out.request_id: out for out in self.engine.step()}
+
+    def postprocess(self, outputs, context, replies):
+        """One reply per request of the batch: a stream line, an empty chunk, or the final body."""
+        criteria, responses = [], []
+        for idx in range(len(context.request_ids)):
+            request_id = context.request_ids[idx]
+            if idx in replies:  # refused at admission: a complete 400 response
+                responses.append(self._refuse(context, idx, *replies[idx]))
+                criteria.append(None)
+                continue
+            state = self.running[request_id]
+            state.steps += 1
+            out = outputs.get(request_id)
+            finished = self._absorb(request_id, state, out)
+            context.set_response_content_type(idx, NDJSON if state.request.stream else JSON)
+            responses.append(self._reply(state, out, finished))
+            # finished on its first step: a plain complete response; otherwise end or continue the chunked one
+            criteria.append(None if finished and state.steps == 1 else finished)
+        context.stopping_criteria = [lambda _, done=done: done for done in criteria]
+        return responses
+
+    # ----- helpers -----
+
+    def _absorb(self, request_id, state: _Running, out) -> bool:
+        if out is None:
+            return False  # still waiting for a prefill slot
+        if state.first_token_at is None:
+            state.first_token_at = time.perf_counter()
+        state.pieces.append(out.text)
+        state.unsent_ids += out.token_ids
+        state.unsent_text += out.text
+        if out.finished:
+            del self.running[request_id]
+            self._log(request_id, state, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+        return out.finished
+
+    def _reply(self, state: _Running, out, finished: bool) -> str:
+        request = state.request
+        if finished:
+            body = completion_body(
+                request, "".join(state.pieces), out.finish_reason, out.prompt_tokens, out.completion_tokens
+            )
+            if not request.stream:
+                return _json(body)
+            return _json({"text": state.unsent_text, "token_ids": state.unsent_ids, **body}) + "\n"
+        if not request.stream or not state.unsent_text:
+            return ""  # nothing to show yet (a split character, or a non-streamed request)
+        line = _json({"text": state.unsent_text, "token_ids": state.unsent_ids}) + "\n"
+        state.unsent_text, state.unsent_ids = "", []
+        return line
+
+    def _run_to_completion(self, context, replies):
+        """Default batcher: step until this batch is done, streaming lines as intermediate responses."""
+        ids = context.request_ids
+        for idx in range(len(ids)):
+            if idx not in replies:
+                stream = self.running[ids[idx]].request.stream
+                context.set_response_content_type(idx, NDJSON if stream else JSON)
+        while any(ids[i] in self.running for i in range(len(ids)) if i not in replies):
+            outputs = self.inference()
+            chunks = {}
+            for idx in range(len(ids)):
+                state = self.running.get(ids[idx])
+                if idx in replies or state is None:
+                    continue
+                state.steps += 1
+                out = outputs.get(ids[idx])
+                if self._absorb(ids[idx], state, out):
+                    replies[idx] = (200, self._reply(state, out, True))
+                elif state.request.stream and (line := self._reply(state, None, False)):
+                    chunks[idx] = line
+            if chunks:
+                send_intermediate_predict_response(
+                    chunks, {i: ids[i] for i in chunks}, "Intermediate", 200, context
+                )
+        return [
+            body if code == 200 else self._refuse(context, idx, code, body)
+            for idx, (code, body) in sorted(replies.items())
+        ]
+
+    @staticmethod
+    def _refuse(context, idx, code, body) -> str:
+        context.set_response_status(code, "Bad Request", idx)
+        context.set_response_content_type(idx, JSON)
+        return body
+
+    def _fail_all(self, context):
+        """An engine failure: 500 for every request of this batch, and a clean engine for the next."""
+        criteria = []
+        for idx in range(len(context.request_ids)):
+            state = self.running.get(context.request_ids[idx])
+            # a request already answered in chunks ends its stream; a new one gets a complete response
+            criteria.append(True if state is not None and state.steps > 0 else None)
+            context.set_response_status(500, "Internal Server Error", idx)
+            context.set_response_content_type(idx, JSON)
+        for request_id in list(self.running):
+            self.engine.abort(request_id)
+        self.running.clear()
+        context.stopping_criteria = [lambda _, done=done: done for done in criteria]
+        body = _json(error_body(500, "generation failed; see the model log", "InternalServerError"))
+        return [body] * len(context.request_ids)
+
+    def _log(self, request_id, state: _Running, finish_reason, prompt_tokens, completion_tokens):
+        now = time.perf_counter()
+        ttft = (state.first_token_at - state.started) * 1000 if state.first_token_at else float("nan")
+        prompt = ""
+        if self.settings.log_prompt_chars:
+            prompt = f" prompt={state.request.prompt[: self.settings.log_prompt_chars]!r}"
+        logger.info(
+            "request %s prompt_tokens=%d generated_tokens=%d finish_reason=%s ttft_ms=%.1f total_ms=%.1f%s",
+            request_id, prompt_tokens, completion_tokens, finish_reason, ttft, (now - state.started) * 1000, prompt,
+        )
+
+
+def _json(body: dict) -> str:
+    return json.dumps(body, ensure_ascii=False)

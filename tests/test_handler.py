@@ -1,0 +1,198 @@
+"""The TorchServe handler driven with a small fake context, no server (like pytorch/serve's unit tests)."""
+
+import json
+import shutil
+
+import pytest
+from ts.context import Context, RequestProcessor
+
+import jai_handler
+from jai import Engine, SamplingParams, load_model, load_tokenizer
+from jai.api import CHAT_TEMPLATE
+
+YAML = {
+    "continuousBatching": True,
+    "batchSize": 4,
+    "handler": {"n_head": 2, "threads": 1, "defaults": {"max_tokens": 12, "temperature": 0.8, "top_k": 50}},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_ckpt, korean_tokenizer):
+    directory = tmp_path_factory.mktemp("model_dir")
+    shutil.copy(tiny_ckpt[0], directory / "ckpt.pt")
+    korean_tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def make_handler(model_dir, **yaml_changes):
+    context = Context("jai", str(model_dir), {}, 4, None, "0.12.0", model_yaml_config={**YAML, **yaml_changes})
+    handler = jai_handler.JAIHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def call(handler, context, batch):
+    """One handle() call. ``batch`` is [(request_id, body or None for a running request)]."""
+    context.request_ids = {i: rid for i, (rid, _) in enumerate(batch)}
+    context.request_processor = [RequestProcessor({}) for _ in batch]
+    context.stopping_criteria = None
+    data = [{"body": body} if body is not None else {} for _, body in batch]
+    responses = handler.handle(data, context)
+    assert len(responses) == len(batch)
+    replies = {}
+    for i, (rid, _) in enumerate(batch):
+        done = context.stopping_criteria[i](responses[i]) if context.stopping_criteria else None
+        replies[rid] = dict(
+            body=responses[i],
+            status=context.get_response_status(i)[0],
+            content_type=context.get_response_content_type(i),
+            done=done,
+        )
+    return replies
+
+
+def drive(handler, context, new, max_steps=100):
+    """Send ``new`` requests, then keep stepping the running ones; collect each request's replies."""
+    log = {rid: [] for rid, _ in new}
+    batch = list(new)
+    for _ in range(max_steps):
+        if not batch:
+            return log
+        replies = call(handler, context, batch)
+        for rid, reply in replies.items():
+            log[rid].append(reply)
+        batch = [(rid, None) for rid, r in replies.items() if r["done"] is False]
+    raise AssertionError("requests did not finish")
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir):
+    return make_handler(model_dir)
+
+
+def test_describe_handle_reports_the_model(handler, tiny_ckpt):
+    handler_obj, _ = handler
+    described = json.loads(handler_obj.describe_handle())
+    assert described["device"] == "cpu" and described["dtype"] == "float32"
+    assert described["vocab_size"] == 512 and described["block_size"] == 32
+    assert described["parameters"] == load_model(tiny_ckpt[0], n_head=2).num_parameters()
+    assert len(described["checkpoint_sha256"]) == 64 and described["max_batch"] == 4
+
+
+def test_generate_and_chat_answer_the_seed_fields(handler, model_dir):
+    h, context = handler
+    log = drive(h, context, [
+        ("g", json.dumps({"prompt": "서울 채용", "max_tokens": 6, "temperature": 0})),
+        ("c", {"prompt": "판교 백엔드?", "mode": "chat", "max_tokens": 5, "top_k": 1}),
+    ])
+    engine = Engine(load_model(model_dir / "ckpt.pt", n_head=2), load_tokenizer(model_dir / "tokenizer.json"))
+    for rid, prompt in (("g", "서울 채용"), ("c", CHAT_TEMPLATE.format(prompt="판교 백엔드?"))):
+        replies = log[rid]
+        assert all(r["status"] == 200 and r["content_type"] == "application/json" for r in replies)
+        assert [r["body"] for r in replies[:-1]] == [""] * (len(replies) - 1)  # nothing until done
+        assert replies[-1]["done"] is True
+        body = json.loads(replies[-1]["body"])
+        assert set(body) == {"prompt", "generated", "full_text", "finish_reason", "usage"}
+        assert body["prompt"] == prompt and body["full_text"] == prompt + body["generated"]
+        expected = engine.generate(
+            [engine.encode(prompt)],
+            [SamplingParams(max_tokens=len(replies), temperature=0, stop=("[/ANSWER]",) * (rid == "c"))],
+        )[0]
+        assert body["generated"] == expected.text
+        assert body["usage"] == {"prompt_tokens": len(engine.encode(prompt)), "completion_tokens": len(replies)}
+        assert body["finish_reason"] == "length"
+
+
+def test_stream_lines_join_to_the_generated_text(handler):
+    h, context = handler
+    log = drive(h, context, [("s", {"prompt": "부산 데이터", "stream": True, "max_tokens": 10, "seed": 3})])
+    replies = log["s"]
+    assert all(r["content_type"] == "application/x-ndjson" for r in replies)
+    lines = [json.loads(line) for r in replies for line in r["body"].splitlines()]
+    assert len(lines) > 2 and "finish_reason" in lines[-1]
+    assert "".join(line["text"] for line in lines) == lines[-1]["generated"]
+    assert sum(len(line["token_ids"]) for line in lines) == lines[-1]["usage"]["completion_tokens"] == 10
+    again = drive(h, context, [("s2", {"prompt": "부산 데이터", "max_tokens": 10, "seed": 3})])
+    assert json.loads(again["s2"][-1]["body"])["generated"] == lines[-1]["generated"]
+
+
+BAD = [
+    (b"{not json", "body: is not valid JSON"),
+    ("[1, 2]", "body: must be a JSON object, got list"),
+    ({}, "prompt: is required"),
+    ({"prompt": ""}, "prompt: must not be empty"),
+    ({"prompt": 5}, "prompt: must be a string, got int"),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens: must be an integer, got True"),
+    ({"prompt": "a", "max_tokens": 5000}, "max_tokens: must be <= 1024, got 5000"),
+    ({"prompt": "a", "temperature": float("nan")}, "temperature: must be a finite number, got nan"),
+    ({"prompt": "a", "top_k": 0}, "top_k: must be >= 1, got 0"),
+    ({"prompt": "a", "top_p": 2}, "top_p: must be in (0, 1], got 2"),
+    ({"prompt": "a", "mode": "poem"}, "mode: must be one of generate, chat, got 'poem'"),
+    ({"prompt": "a", "stream": "yes"}, "stream: must be true or false, got 'yes'"),
+    ({"prompt": "a", "stop": 3}, "stop: must be a string or a list of strings, got 3"),
+    ({"prompt": "a", "max_token": 3}, "max_token: is not a known field"),
+    ({"prompt": "가" * 2100}, "prompt: is 4200 tokens, longer than the limit of 2048"),  # 2 tokens each
+    ({"prompt": "a" * 40000}, "prompt: is 40000 characters, longer than the limit of 32768"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD)
+def test_bad_input_is_a_400_for_that_request_alone(handler, body, message):
+    h, context = handler
+    replies = call(h, context, [("bad", body), ("good", {"prompt": "대전", "max_tokens": 1})])
+    bad = replies["bad"]
+    assert bad["status"] == 400 and bad["content_type"] == "application/json" and bad["done"] is None
+    error = json.loads(bad["body"])
+    assert error["code"] == 400 and error["type"] == "InvalidRequest"
+    assert error["message"].startswith(message), error["message"]
+    good = replies["good"]
+    assert good["status"] == 200 and json.loads(good["body"])["usage"]["completion_tokens"] == 1
+    assert good["done"] is None  # finished in its first step: a complete (not chunked) response
+
+
+def test_disconnected_request_frees_its_slot(handler):
+    h, context = handler
+    call(h, context, [("gone", {"prompt": "제주", "max_tokens": 50}), ("stays", {"prompt": "원격", "max_tokens": 3})])
+    assert h.engine.running == 2
+    call(h, context, [("stays", None)])  # "gone" is no longer in TorchServe's batch
+    assert h.engine.running == 1 and "gone" not in h.running
+    drive(h, context, [])
+    call(h, context, [("stays", None)])
+    assert h.engine.running == 0 and not h.running
+
+
+def test_engine_failure_is_a_500_and_the_next_request_works(model_dir, monkeypatch):
+    h, context = make_handler(model_dir)
+    monkeypatch.setattr(h.engine, "step", lambda: 1 / 0)
+    replies = call(h, context, [("x", {"prompt": "서울"})])
+    assert replies["x"]["status"] == 500 and json.loads(replies["x"]["body"])["code"] == 500
+    monkeypatch.undo()
+    assert not h.engine.has_work() and not h.running
+    log = drive(h, context, [("y", {"prompt": "서울", "max_tokens": 2})])
+    assert json.loads(log["y"][-1]["body"])["usage"]["completion_tokens"] == 2
+
+
+def test_default_batcher_runs_the_batch_to_completion_and_streams(model_dir, monkeypatch):
+    h, context = make_handler(model_dir, continuousBatching=False)
+    chunks = []
+    monkeypatch.setattr(
+        jai_handler, "send_intermediate_predict_response",
+        lambda ret, ids, msg, code, ctx: chunks.append(dict(ret)),
+    )
+    replies = call(h, context, [
+        ("s", {"prompt": "서울", "stream": True, "max_tokens": 8, "seed": 1}),
+        ("j", {"prompt": "판교", "max_tokens": 4, "temperature": 0}),
+        ("b", {"prompt": ""}),
+    ])
+    assert replies["b"]["status"] == 400
+    assert json.loads(replies["j"]["body"])["usage"]["completion_tokens"] == 4
+    streamed = [json.loads(line) for c in chunks for line in c.get(0, "").splitlines()]
+    final = json.loads(replies["s"]["body"])
+    assert len(streamed) >= 2 and all(1 not in c and 2 not in c for c in chunks)
+    assert "".join(s["text"] for s in streamed) + final["text"] == final["generated"]
+
+
+def test_unknown_handler_setting_is_refused(model_dir):
+    with pytest.raises(ValueError, match="unknown key"):
+        make_handler(model_dir, handler={"n_heads": 2})
