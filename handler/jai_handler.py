@@ -24,6 +24,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from jai import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
 from jai.api import Defaults, GenerationRequest, InvalidRequest, completion_body, error_body, parse_request
+from jai.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -31,45 +32,20 @@ JSON = "application/json"
 NDJSON = "application/x-ndjson"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The ``handler:`` block of model-config.yaml. Every key is read; unknown keys are refused."""
-
-    checkpoint: str = "ckpt.pt"  # file names inside the archive (archive.sh packs them)
-    tokenizer: str = "tokenizer.json"
-    n_head: int = 6  # used only when the checkpoint does not store its config
-    device: str = "auto"  # auto = TorchServe's GPU when it gives one, else cpu
-    dtype: str = "float32"  # or bfloat16
-    threads: int = 0  # torch threads per worker; 0 = leave torch's default
-    max_prefill_tokens: int = 512  # prompt tokens admitted per step: bounds a step's stall
-    max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
-    max_prompt_tokens: int = 2048  # longest prompt, in tokens
-    log_prompt_chars: int = 0  # characters of the prompt in the request log (0: none, it may be personal)
-    defaults: dict = field(default_factory=dict)  # request defaults: max_tokens, temperature, top_k, top_p
-
-    @classmethod
-    def from_yaml(cls, block: dict | None) -> "Settings":
-        block = dict(block or {})
-        unknown = sorted(set(block) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"model-config.yaml handler: unknown key(s) {unknown}")
-        return cls(**block)
-
-
-@dataclass
-class _Running:
-    """A request TorchServe has handed us and not yet been answered in full."""
-
-    request: GenerationRequest
-    started: float
-    steps: int = 0  # handle() calls that carried this request
-    first_token_at: float | None = None
-    pieces: list[str] = field(default_factory=list)
-    unsent_ids: list[int] = field(default_factory=list)  # tokens not yet in a stream line
-    unsent_text: str = ""
-
-
 class JAIHandler(BaseHandler):
+    # TorchServe requires exactly one class per handler module, hence nested.
+    @dataclass
+    class Running:
+        """A request TorchServe has handed us and not yet been answered in full."""
+
+        request: GenerationRequest
+        started: float
+        steps: int = 0  # handle() calls that carried this request
+        first_token_at: float | None = None
+        pieces: list[str] = field(default_factory=list)
+        unsent_ids: list[int] = field(default_factory=list)  # tokens not yet in a stream line
+        unsent_text: str = ""
+
     def initialize(self, context):
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
@@ -104,7 +80,7 @@ class JAIHandler(BaseHandler):
             "continuous_batching": self.continuous,
             "torch_threads": torch.get_num_threads(),
         }
-        self.running: dict[str, _Running] = {}
+        self.running: dict[str, JAIHandler.Running] = {}
         self.context = context
         self.initialized = True
         logger.info("JAI ready: %s", self.description)
@@ -145,6 +121,8 @@ class JAIHandler(BaseHandler):
             if request_id in self.running:
                 continue
             try:
+                if "body" not in row and "data" not in row:  # e.g. curl -d without a JSON content type
+                    raise InvalidRequest("body", "must be JSON sent with 'Content-Type: application/json'")
                 request = parse_request(row.get("body", row.get("data")), self.defaults)
                 prompt_ids = self.engine.encode(request.prompt)
                 self.engine.add_request(request_id, prompt_ids, request.params)
@@ -153,7 +131,7 @@ class JAIHandler(BaseHandler):
             except ParameterError as exc:  # the engine's configured limits (max_tokens, prompt length)
                 replies[idx] = (400, _json(error_body(400, f"{exc.field}: {exc.problem}")))
             else:
-                self.running[request_id] = _Running(request, time.perf_counter())
+                self.running[request_id] = self.Running(request, time.perf_counter())
 
     def inference(self):
         return {out.request_id: out for out in self.engine.step()}
@@ -180,7 +158,7 @@ class JAIHandler(BaseHandler):
 
     # ----- helpers -----
 
-    def _absorb(self, request_id, state: _Running, out) -> bool:
+    def _absorb(self, request_id, state: JAIHandler.Running, out) -> bool:
         if out is None:
             return False  # still waiting for a prefill slot
         if state.first_token_at is None:
@@ -193,7 +171,7 @@ class JAIHandler(BaseHandler):
             self._log(request_id, state, out.finish_reason, out.prompt_tokens, out.completion_tokens)
         return out.finished
 
-    def _reply(self, state: _Running, out, finished: bool) -> str:
+    def _reply(self, state: JAIHandler.Running, out, finished: bool) -> str:
         request = state.request
         if finished:
             body = completion_body(
@@ -259,7 +237,7 @@ class JAIHandler(BaseHandler):
         body = _json(error_body(500, "generation failed; see the model log", "InternalServerError"))
         return [body] * len(context.request_ids)
 
-    def _log(self, request_id, state: _Running, finish_reason, prompt_tokens, completion_tokens):
+    def _log(self, request_id, state: JAIHandler.Running, finish_reason, prompt_tokens, completion_tokens):
         now = time.perf_counter()
         ttft = (state.first_token_at - state.started) * 1000 if state.first_token_at else float("nan")
         prompt = ""

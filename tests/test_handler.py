@@ -37,7 +37,7 @@ def call(handler, context, batch):
     context.request_ids = {i: rid for i, (rid, _) in enumerate(batch)}
     context.request_processor = [RequestProcessor({}) for _ in batch]
     context.stopping_criteria = None
-    data = [{"body": body} if body is not None else {} for _, body in batch]
+    data = [body if isinstance(body, Form) else {"body": body} if body is not None else {} for _, body in batch]
     responses = handler.handle(data, context)
     assert len(responses) == len(batch)
     replies = {}
@@ -117,7 +117,12 @@ def test_stream_lines_join_to_the_generated_text(handler):
     assert json.loads(again["s2"][-1]["body"])["generated"] == lines[-1]["generated"]
 
 
+class Form(dict):
+    """What TorchServe passes for a form-encoded body: its fields, no "body"."""
+
+
 BAD = [
+    (Form({'{"prompt": "a"}': ""}), "body: must be JSON sent with 'Content-Type: application/json'"),
     (b"{not json", "body: is not valid JSON"),
     ("[1, 2]", "body: must be a JSON object, got list"),
     ({}, "prompt: is required"),

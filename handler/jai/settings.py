@@ -1,0 +1,30 @@
+"""Deployment settings: the ``handler:`` block of model-config.yaml, read by the TorchServe handler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``handler:`` block of model-config.yaml. Every key is read; unknown keys are refused."""
+
+    checkpoint: str = "ckpt.pt"  # file names inside the archive (archive.sh packs them)
+    tokenizer: str = "tokenizer.json"
+    n_head: int = 6  # used only when the checkpoint does not store its config
+    device: str = "auto"  # auto = TorchServe's GPU when it gives one, else cpu
+    dtype: str = "float32"  # or bfloat16
+    threads: int = 0  # torch threads per worker; 0 = leave torch's default
+    max_prefill_tokens: int = 512  # prompt tokens admitted per step: bounds a step's stall
+    max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
+    max_prompt_tokens: int = 2048  # longest prompt, in tokens
+    log_prompt_chars: int = 0  # characters of the prompt in the request log (0: none, it may be personal)
+    defaults: dict = field(default_factory=dict)  # request defaults: max_tokens, temperature, top_k, top_p
+
+    @classmethod
+    def from_yaml(cls, block: dict | None) -> "Settings":
+        block = dict(block or {})
+        unknown = sorted(set(block) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"model-config.yaml handler: unknown key(s) {unknown}")
+        return cls(**block)
