@@ -94,7 +94,7 @@ EXPERIENCE = (
     ("경력 7년 이상", "8,000만~1억 2,000만 원"),
 )
 
-# {where} "서울에서", {place} "서울", {role} "React 개발자"
+# {where} "서울에서", {place} "서울", {role} "React 개발자"; a question is PREFIX + one of these
 QUESTIONS = (
     "{where} {role} 채용 있어?",
     "{where} {role} 채용하는 곳 알려줘",
@@ -102,19 +102,24 @@ QUESTIONS = (
     "{where} 일할 {role} 자리 찾고 있어",
     "{place} 지역 {role} 구인 정보 알려줘",
     "{role} 채용 중인 {place} 회사 추천해줘",
+    "{where} {role} 구하는 회사 있을까요?",
+    "{place} {role} 일자리 추천 부탁해",
+    "{role}인데 {where} 지원할 만한 곳 있어?",
+    "{where} {role} 모집하는 회사 있나요?",
+    "{place} 근처 {role} 채용 공고 보여줘",
+    "{role} 포지션 {where} 찾을 수 있을까?",
 )
+PREFIXES = ("", "", "", "혹시 ", "안녕하세요. ", "요즘 ", "이직 준비 중인데 ")
 # never in the corpus: the tests (and curious users) ask these
 HELD_OUT_QUESTIONS = (
     "{where} {role}를 뽑는 회사 있어?",
     "{place} 쪽 {role} 포지션 알려줄래?",
 )
 
-ANSWERS = (
-    "{where} {role}를 채용 중인 곳이 있어요.\n"
-    "- 회사: {company}\n- 기술 스택: {stack}\n- 경력: {exp}\n- 연봉: {salary}\n- 근무 형태: {work}\n"
-    "관심 있으면 {company} 채용 페이지에서 지원해 보세요.",
-    "{place} {role} 공고를 찾았어요. {company}에서 {exp} {role}를 모집합니다. "
-    "{stack}을 사용하고, 연봉은 {salary}, 근무 형태는 {work}입니다.",
+ANSWER = (
+    "{where} {role}를 채용 중인 곳이 있어요. {company}에서 {exp} {role}를 모집합니다.\n"
+    "- 기술 스택: {stack}\n- 연봉: {salary}\n- 근무 형태: {work}\n"
+    "관심 있으면 {company} 채용 페이지에서 지원해 보세요."
 )
 
 
@@ -129,24 +134,21 @@ def chat_prompt(question: str) -> str:
     return f"[QUESTION]\n{question}\n[/QUESTION]\n\n[ANSWER]\n"
 
 
-def make_corpus(seed: int, per_question: int = 2) -> list[str]:
-    """Q&A documents for every trained (place, role, phrasing), ``per_question`` postings each."""
+def make_corpus(seed: int, size: int = 4000) -> list[str]:
+    """``size`` Q&A documents over the trained (place, role) pairs and question phrasings."""
     rng = random.Random(seed)
     held_out = held_out_pairs()
+    pairs = [(place, role) for place in PLACES for role in ROLES if (place.name, role) not in held_out]
     docs = []
-    for place in PLACES:
-        for role, stacks in ROLES.items():
-            if (place.name, role) in held_out:
-                continue
-            for question in QUESTIONS:
-                for _ in range(per_question):
-                    exp, salary = rng.choice(EXPERIENCE)
-                    slots = dict(
-                        where=place.where, place=place.name, role=role, company=rng.choice(COMPANIES),
-                        stack=rng.choice(stacks), exp=exp, salary=salary, work=rng.choice(place.work),
-                    )
-                    answer = rng.choice(ANSWERS).format(**slots)
-                    docs.append(chat_prompt(question.format(**slots)) + answer + "\n[/ANSWER]")
+    for i in range(size):
+        place, role = pairs[i % len(pairs)]  # every pair equally often
+        exp, salary = rng.choice(EXPERIENCE)
+        slots = dict(
+            where=place.where, place=place.name, role=role, company=rng.choice(COMPANIES),
+            stack=rng.choice(ROLES[role]), exp=exp, salary=salary, work=rng.choice(place.work),
+        )
+        question = rng.choice(PREFIXES) + rng.choice(QUESTIONS).format(**slots)
+        docs.append(chat_prompt(question) + ANSWER.format(**slots) + "\n[/ANSWER]")
     rng.shuffle(docs)
     return docs
 
@@ -285,7 +287,6 @@ def build_demo_model(out_dir, steps: int = DEFAULT_STEPS, seed: int = 0, progres
     out_dir = Path(out_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, 4))  # a tiny model: more threads only add sync overhead
-    torch.use_deterministic_algorithms(True)
     try:
         docs = make_corpus(seed)
         tokenizer = train_tokenizer(docs)
@@ -296,7 +297,6 @@ def build_demo_model(out_dir, steps: int = DEFAULT_STEPS, seed: int = 0, progres
         ids, lengths = _encode_corpus(docs, tokenizer, tokenizer.token_to_id(EOT), config.block_size)
         loss = train(model, ids, lengths, steps, seed, progress)
     finally:
-        torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads)
 
     checkpoint, tokenizer_path = out_dir / CHECKPOINT, out_dir / TOKENIZER
