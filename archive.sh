@@ -4,26 +4,35 @@ set -euo pipefail
 
 usage() {
     cat <<USAGE
-usage: ./archive.sh [--checkpoint PATH] [--tokenizer PATH]
+usage: ./archive.sh [--checkpoint PATH] [--tokenizer PATH] [--model-store DIR] [--config YAML]
 
-Packs PATH (default checkpoints/ckpt.pt), the tokenizer (default data/tokenizer.json), the handler
-(handler/jai_handler.py and the handler/jai package) and model-config.yaml into model_store/jai.mar,
-replacing an older one. The checkpoint is loaded once first, so a file that cannot serve fails here.
+Packs the checkpoint (default checkpoints/ckpt.pt), the tokenizer (default data/tokenizer.json),
+the handler (handler/jai_handler.py and the handler/jai package) and the model config (default
+model-config.yaml) into DIR/jai.mar (default model_store/jai.mar), replacing an older one. Relative
+paths are taken from the current directory, defaults from the repo root. The checkpoint is loaded
+once first, so a file that cannot serve fails here rather than in a TorchServe worker.
 USAGE
 }
 
-cd "$(dirname "$0")"
-checkpoint=checkpoints/ckpt.pt
-tokenizer=data/tokenizer.json
+repo=$(cd "$(dirname "$0")" && pwd)
+checkpoint=$repo/checkpoints/ckpt.pt
+tokenizer=$repo/data/tokenizer.json
+store=$repo/model_store
+config=$repo/model-config.yaml
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --checkpoint) checkpoint=${2:?--checkpoint needs a path}; shift 2 ;;
         --tokenizer) tokenizer=${2:?--tokenizer needs a path}; shift 2 ;;
+        --model-store) store=${2:?--model-store needs a directory}; shift 2 ;;
+        --config) config=${2:?--config needs a yaml file}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "archive.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
 done
-for file in "$checkpoint" "$tokenizer"; do
+checkpoint=$(realpath -m "$checkpoint") tokenizer=$(realpath -m "$tokenizer")
+store=$(realpath -m "$store") config=$(realpath -m "$config")
+cd "$repo"
+for file in "$checkpoint" "$tokenizer" "$config"; do
     if [[ ! -f "$file" ]]; then
         echo "archive.sh: $file not found (see --help; 'make demo' builds a demo model)" >&2
         exit 1
@@ -47,7 +56,7 @@ PY
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage/src" model_store
+mkdir -p "$stage/src" "$store"
 cp "$checkpoint" "$stage/ckpt.pt"          # names the handler reads (model-config.yaml handler:)
 cp "$tokenizer" "$stage/tokenizer.json"
 cp -r handler/jai "$stage/src/jai"          # --extra-files copies a folder's contents: src/ -> jai/
@@ -58,7 +67,7 @@ TMPDIR=$stage "$bin/torch-model-archiver" \
     --version 1.0 \
     --handler handler/jai_handler.py \
     --extra-files "$stage/ckpt.pt,$stage/tokenizer.json,$stage/src" \
-    --config-file model-config.yaml \
-    --export-path model_store \
+    --config-file "$config" \
+    --export-path "$store" \
     --force
-echo "archive.sh: wrote model_store/jai.mar ($(du -h model_store/jai.mar | cut -f1))"
+echo "archive.sh: wrote $store/jai.mar ($(du -h "$store/jai.mar" | cut -f1))"

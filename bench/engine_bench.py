@@ -76,7 +76,7 @@ def main() -> None:
 
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\nEngine vs seed reference: {args.tokens} tokens/request, {PROMPT_TOKENS}-token prompts, device {device} ({machine})\n")
-    print(f"| | concurrency | tokens/s | x reference (1 stream) |\n|---|---:|---:|---:|")
+    print("| | concurrency | tokens/s | x reference (1 stream) |\n|---|---:|---:|---:|")
     print(f"| seed reference (no cache), float32 | 1 | {ref:.1f} | 1.0 |")
     for r in rows:
         print(f"| engine, {r['dtype']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['vs_reference']:.1f} |")

@@ -1,10 +1,11 @@
 """TorchServe handler for JAI: a thin adapter between TorchServe's batches and ``jai.Engine``.
 
-With ``continuousBatching: true`` (our configuration) every ``handle()`` call is ONE engine step over
+With ``continuousBatching: true`` every ``handle()`` call is ONE engine step over
 the requests TorchServe currently holds: new requests arrive with a body and are admitted, running
 ones arrive again without a body, and a request missing from the batch has disconnected. Each
 request's reply says whether it continues (``context.stopping_criteria``). With TorchServe's default
-batcher the same handler runs its batch to completion and streams with intermediate responses.
+batcher (our configuration, see model-config.yaml for why) the same handler runs its batch to
+completion in the engine and streams with intermediate responses.
 
 Never raise out of ``handle()``: TorchServe would fail every request of the batch. Bad input is a
 400 for that request alone; an engine failure is a 500 for the requests it touched.
@@ -99,6 +100,9 @@ class JAIHandler(BaseHandler):
     # ----- TorchServe entry point -----
 
     def handle(self, data, context):
+        self.context = context
+        if self._is_describe():  # GET /models/jai?customized=true (BaseHandler's convention)
+            return [self.describe_handle()]
         replies = {}
         try:
             self.preprocess(data, context, replies)

@@ -1,11 +1,16 @@
 """Shared fixtures: a tiny model (fast unit tests), the seed's full default shape, a Korean tokenizer."""
 
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jai import Engine, load_model
 from reference_gpt import ReferenceGPT
+from ts_launcher import archive, running_torchserve
 
 TINY = dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32)
 FULL = dict(vocab_size=24000, block_size=256, n_layer=6, n_head=6, n_embd=384)
@@ -68,3 +73,30 @@ def korean_tokenizer():
 @pytest.fixture
 def tiny_engine(tiny_model):
     return Engine(tiny_model, max_batch=8)
+
+
+# ----- the demo model and a real torchserve (end-to-end tests) -----
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """The embedded demo model, built once per test session exactly as `make demo` builds it.
+
+    JAI_TEST_DEMO_DIR=DIR reuses (or first fills) DIR across sessions while iterating on tests.
+    """
+    from scripts.make_demo_model import CHECKPOINT, TOKENIZER, build_demo_model
+
+    reuse = os.environ.get("JAI_TEST_DEMO_DIR")
+    if reuse and (Path(reuse) / CHECKPOINT).exists():
+        return SimpleNamespace(checkpoint=Path(reuse) / CHECKPOINT, tokenizer=Path(reuse) / TOKENIZER)
+    return build_demo_model(reuse or tmp_path_factory.mktemp("demo"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def ts_server(tmp_path_factory, demo_build):
+    """torchserve started from the repo's own config.properties (ports moved to free ones), serving
+    the demo model packed by the repo's archive.sh; always stopped at the end."""
+    root = tmp_path_factory.mktemp("torchserve")
+    archive(root, demo_build.checkpoint, demo_build.tokenizer)
+    with running_torchserve(root) as server:
+        yield server

@@ -33,12 +33,11 @@ UNSEEN = [(place, role, role.split()[0]) for place, role in sorted(held_out_pair
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    build = build_demo_model(out, progress=False)
-    model = load_model(out / CHECKPOINT)  # no n_head given: it must come from the stored config
-    tokenizer = load_tokenizer(out / TOKENIZER, model.config.vocab_size)
-    return build, model, tokenizer
+def demo(demo_build):
+    """The session's one demo build (conftest.py), loaded as a user's checkpoint would be."""
+    model = load_model(demo_build.checkpoint)  # no n_head given: it must come from the stored config
+    tokenizer = load_tokenizer(demo_build.tokenizer, model.config.vocab_size)
+    return demo_build, model, tokenizer
 
 
 def _answer(model, tokenizer, questions):

@@ -83,7 +83,7 @@ def test_describe_handle_reports_the_model(handler, tiny_ckpt):
 def test_generate_and_chat_answer_the_seed_fields(handler, model_dir):
     h, context = handler
     log = drive(h, context, [
-        ("g", json.dumps({"prompt": "서울 채용", "max_tokens": 6, "temperature": 0})),
+        ("g", json.dumps({"prompt": "서울 채용", "max_tokens": 6, "temperature": 0}).encode()),
         ("c", {"prompt": "판교 백엔드?", "mode": "chat", "max_tokens": 5, "top_k": 1}),
     ])
     engine = Engine(load_model(model_dir / "ckpt.pt", n_head=2), load_tokenizer(model_dir / "tokenizer.json"))
@@ -124,7 +124,10 @@ class Form(dict):
 BAD = [
     (Form({'{"prompt": "a"}': ""}), "body: must be JSON sent with 'Content-Type: application/json'"),
     (b"{not json", "body: is not valid JSON"),
-    ("[1, 2]", "body: must be a JSON object, got list"),
+    (b"[1, 2]", "body: must be a JSON object, got list"),
+    ("a string", "body: must be a JSON object, got str"),
+    (b"", "body: is empty"),
+    (b"\xff\xfe", "body: is not UTF-8 text"),
     ({}, "prompt: is required"),
     ({"prompt": ""}, "prompt: must not be empty"),
     ({"prompt": 5}, "prompt: must be a string, got int"),
@@ -201,3 +204,11 @@ def test_default_batcher_runs_the_batch_to_completion_and_streams(model_dir, mon
 def test_unknown_handler_setting_is_refused(model_dir):
     with pytest.raises(ValueError, match="unknown key"):
         make_handler(model_dir, handler={"n_heads": 2})
+
+
+def test_describe_request_returns_the_description(handler):
+    h, context = handler
+    context.request_ids = {0: "describe-1"}
+    context.request_processor = [RequestProcessor({"describe": "True"})]
+    [described] = h.handle([{}], context)
+    assert json.loads(described)["block_size"] == 32 and not h.running

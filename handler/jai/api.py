@@ -47,15 +47,14 @@ class GenerationRequest:
 
 
 def parse_request(body, defaults: Defaults = Defaults()) -> GenerationRequest:
-    """Validate one request body (bytes, str or already-decoded JSON) into a GenerationRequest."""
-    if isinstance(body, (bytes, bytearray)):
+    """Validate one request body (raw bytes, or JSON already decoded) into a GenerationRequest."""
+    if isinstance(body, (bytes, bytearray)):  # raw: TorchServe decodes only valid JSON bodies itself
         try:
-            body = body.decode("utf-8")
+            text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidRequest("body", "is not UTF-8 text") from None
-    if isinstance(body, str):
         try:
-            body = json.loads(body) if body.strip() else None
+            body = json.loads(text) if text.strip() else None
         except json.JSONDecodeError as exc:
             raise InvalidRequest("body", f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
     if body is None:

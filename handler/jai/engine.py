@@ -297,7 +297,8 @@ class Engine:
             req.text += req.detokenizer.add([token])
             if done:
                 req.text += req.detokenizer.flush()
-        if hit_stop_id or self._cut_at_stop_string(req):
+        cut = self._cut_at_stop_string(req)  # also when a stop id ended it: its text may be in ``text``
+        if hit_stop_id or cut:
             req.finish_reason = "stop"
         elif done:
             req.finish_reason = "length"

@@ -1,0 +1,47 @@
+# JAI Serve: `make serve` (set up, build the demo model if there is no checkpoint, archive, start)
+# and `make test` (set up, run the whole suite). See README.md.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: serve test setup java demo archive start stop status bench clean
+
+serve: setup demo archive start
+
+test: setup
+	$(PY) -m pytest
+
+setup: $(VENV)/.installed java
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ needed, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+java:
+	scripts/ensure_java.sh
+
+# Never overwrites an existing checkpoints/ckpt.pt (yours, or a demo built earlier).
+demo: $(VENV)/.installed
+	$(PY) scripts/make_demo_model.py
+
+archive: $(VENV)/.installed
+	./archive.sh
+
+start:
+	scripts/serve.sh start
+
+stop:
+	scripts/serve.sh stop
+
+status:
+	scripts/serve.sh status
+
+bench: $(VENV)/.installed
+	$(PY) bench/engine_bench.py
+
+clean:
+	rm -rf model_store logs logs.start.txt key_file.json

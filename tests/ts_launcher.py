@@ -1,0 +1,106 @@
+"""Start a real torchserve from the repo's config.properties in a scratch folder (tests, benchmarks).
+
+The folder gets its own copy of config.properties with the three ports moved to free ones, its own
+model store, logs, key_file.json and pid file, so it never touches a server the user is running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+if not (BIN / "torchserve").exists():
+    BIN = ROOT / ".venv" / "bin"
+
+
+@dataclass
+class Server:
+    root: Path
+    inference: str
+    management: str
+    metrics: str
+
+    def key(self, kind="inference"):
+        return json.loads((self.root / "key_file.json").read_text())[kind]["key"]
+
+    def headers(self, kind="inference"):
+        return {"Authorization": f"Bearer {self.key(kind)}"}
+
+    def predict(self, body, **kwargs):
+        return requests.post(f"{self.inference}/predictions/jai", json=body, headers=self.headers(), **kwargs)
+
+    def describe(self, customized=False):
+        url = f"{self.management}/models/jai" + ("?customized=true" if customized else "")
+        response = requests.get(url, headers=self.headers("management"), timeout=10)
+        response.raise_for_status()
+        return response.json()[0]
+
+    def ready_workers(self):
+        return [w for w in self.describe()["workers"] if w["status"] == "READY"]
+
+    def log(self, name="model_log.log", lines=40) -> str:
+        path = self.root / "logs" / name
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else f"({path} missing)"
+
+
+def archive(root: Path, checkpoint, tokenizer, config_file=None) -> Path:
+    """Run the repo's archive.sh into ``root/model_store``."""
+    command = [str(ROOT / "archive.sh"), "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer),
+               "--model-store", str(root / "model_store")]
+    if config_file is not None:
+        command += ["--config", str(config_file)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return root / "model_store" / "jai.mar"
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@contextmanager
+def running_torchserve(root: Path, start_timeout: float = 180):
+    """Serve ``root/model_store/jai.mar`` with the repo's config.properties; always stop it."""
+    root = Path(root)
+    ports = dict(zip(("8080", "8081", "8082"), _free_ports(3)))
+    config = (ROOT / "config.properties").read_text()
+    config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m.group(1)]}", config)
+    (root / "config.properties").write_text(config)
+    env = dict(os.environ, TMPDIR=str(root), LOG_LOCATION=str(root / "logs"), METRICS_LOCATION=str(root / "logs"))
+    torchserve = str(BIN / "torchserve")
+    with open(root / "start.log", "w") as log:  # not a pipe: the daemon inherits it and never closes it
+        subprocess.run([torchserve, "--start", "--ncs", "--ts-config", "config.properties"],
+                       cwd=root, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(root, *(f"http://127.0.0.1:{ports[p]}" for p in ("8080", "8081", "8082")))
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                if server.ready_workers():
+                    break
+            except (requests.ConnectionError, requests.HTTPError, FileNotFoundError, KeyError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("torchserve did not become ready:\n" + server.log())
+            time.sleep(0.5)
+        yield server
+    finally:
+        with open(root / "stop.log", "w") as log:
+            subprocess.run([torchserve, "--stop"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=120)
