@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -78,10 +79,14 @@ def _free_ports(n):
 def running_torchserve(root: Path, start_timeout: float = 180):
     """Serve ``root/model_store/jai.mar`` with the repo's config.properties; always stop it."""
     root = Path(root)
-    ports = dict(zip(("8080", "8081", "8082"), _free_ports(3)))
+    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), _free_ports(5)))
     config = (ROOT / "config.properties").read_text()
     config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m.group(1)]}", config)
+    config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m.group(1)}={ports[m.group(2)]}", config, flags=re.M)
     (root / "config.properties").write_text(config)
+    for relative in re.findall(r"^metrics_config=(\S+)$", config, flags=re.M):  # files it names
+        if not Path(relative).is_absolute():
+            shutil.copy(ROOT / relative, root / relative)
     env = dict(os.environ, TMPDIR=str(root), LOG_LOCATION=str(root / "logs"), METRICS_LOCATION=str(root / "logs"))
     torchserve = str(BIN / "torchserve")
     with open(root / "start.log", "w") as log:  # not a pipe: the daemon inherits it and never closes it

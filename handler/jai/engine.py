@@ -180,9 +180,8 @@ class Engine:
                 requests += reqs
         if not requests:
             return []
-        tokens = sample(
-            torch.cat(logits), [r.params for r in requests], [r.generator for r in requests]
-        ).tolist()
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests]).tolist()
         outputs = [self._append(req, token) for req, token in zip(requests, tokens)]
         self._retire([r for r in requests if r.finish_reason is not None])
         self._evict_full_rows()

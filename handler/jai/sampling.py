@@ -77,48 +77,63 @@ class SamplingParams:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
     """Pick one token per row of ``logits`` (B, vocab); ``generators[i]`` is row i's Generator or None."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)  # (B,) the answer for greedy rows
+    tokens = torch.zeros(len(params), dtype=torch.long, device=logits.device)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        tokens[greedy] = _rows(logits, greedy).argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
     vocab = logits.shape[-1]
-    temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-    scaled = logits[rows] / temperature.unsqueeze(1)  # (R, vocab)
-    ks = [params[i].top_k or vocab for i in rows]
-    small = [j for j, k in enumerate(ks) if k < vocab]
+    scaled = _rows(logits, rows)  # (R, vocab)
+    small = [j for j, i in enumerate(rows) if (params[i].top_k or vocab) < vocab]
     if small:
-        ties = _sample_top_k(scaled[small], [rows[j] for j in small], params, generators, tokens)
+        ties = _sample_top_k(_rows(scaled, small), [rows[j] for j in small], params, generators, tokens)
         small = [j for j, tied in zip(small, ties) if not tied]
     rest = sorted(set(range(len(rows))) - set(small))
     if rest:
-        _sample_full(scaled[rest], [rows[j] for j in rest], params, generators, tokens)
+        temperature = torch.tensor([params[rows[j]].temperature for j in rest], device=logits.device)
+        _sample_full(_rows(scaled, rest) / temperature.unsqueeze(1), [rows[j] for j in rest], params,
+                     generators, tokens)
     return tokens
 
 
-def _sample_top_k(scaled, rows, params, generators, tokens) -> list[bool]:
-    """Sample among each row's k largest logits only (cheap: k draws, not vocab-size draws).
+def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``tensor[rows]`` without the copy when ``rows`` is every row in order."""
+    return tensor if len(rows) == tensor.shape[0] else tensor[rows]
 
-    Returns, per row, whether it was skipped because logits tie with its k-th largest: the seed keeps
-    every such tie, which only the full-vocabulary path reproduces.
+
+def _sample_top_k(logits, rows, params, generators, tokens) -> list[bool]:
+    """Sample among each row's k largest logits only: k draws instead of vocabulary-size draws.
+
+    Dividing by a positive temperature keeps the order, so the k largest are found on the raw logits
+    and only they are divided. The seed keeps every logit equal to the k-th largest; a row where the
+    (k+1)-th ties with the k-th is returned as tied, for the full-vocabulary path.
     """
-    ks = torch.tensor([params[i].top_k for i in rows], device=scaled.device)
-    values, indices = torch.topk(scaled, int(ks.max()), dim=-1)  # (R, kmax), descending
-    kth = values.gather(1, ks.unsqueeze(1) - 1)  # (R, 1)
-    tied = ((scaled >= kth).sum(dim=1) > ks).tolist()
-    beyond_k = torch.arange(values.shape[1], device=scaled.device)[None, :] >= ks[:, None]
+    device = logits.device
+    ks = torch.tensor([params[i].top_k for i in rows], device=device)
+    kmax = int(ks.max())
+    values, indices = torch.topk(logits, kmax + 1, dim=-1)  # (R, kmax + 1), descending
+    temperature = torch.tensor([params[i].temperature for i in rows], device=device)
+    values = values / temperature.unsqueeze(1)
+    kth = values.gather(1, ks.unsqueeze(1) - 1)
+    tied = (values.gather(1, ks.unsqueeze(1)) == kth).squeeze(1).tolist()
+    values, indices = values[:, :kmax], indices[:, :kmax]
+    beyond_k = torch.arange(kmax, device=device)[None, :] >= ks[:, None]
     probs = F.softmax(values.masked_fill(beyond_k, float("-inf")), dim=-1)
-    top_p = torch.tensor([params[i].top_p for i in rows], device=scaled.device)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=device)
     if (top_p < 1).any():
         probs = _nucleus_sorted(probs, top_p)
     choice = _draw(probs, [generators[i] for i in rows], [params[i].top_k for i in rows])
-    for j, i in enumerate(rows):
-        if not tied[j]:
-            tokens[i] = indices[j, choice[j]]
+    picked = indices.gather(1, torch.tensor(choice, device=device).unsqueeze(1)).squeeze(1)
+    keep = [j for j, t in enumerate(tied) if not t]
+    tokens[[rows[j] for j in keep]] = picked[keep]
     return tied
 
 
 def _sample_full(scaled, rows, params, generators, tokens) -> None:
-    """Seed semantics over the whole vocabulary: keep logits >= the k-th largest, then top_p."""
+    """Seed semantics over the whole vocabulary (logits already divided by temperature): keep logits
+    >= the k-th largest, then top_p. For rows without top_k, and the rare rows with ties at k."""
     vocab = scaled.shape[-1]
     ks = [min(params[i].top_k or vocab, vocab) for i in rows]
     if min(ks) < vocab:
@@ -132,8 +147,7 @@ def _sample_full(scaled, rows, params, generators, tokens) -> None:
         drop = _nucleus_sorted(sorted_probs, top_p) == 0
         probs = probs.masked_fill(drop.scatter(1, order, drop), 0.0)
     choice = _draw(probs, [generators[i] for i in rows], [vocab] * len(rows))
-    for j, i in enumerate(rows):
-        tokens[i] = choice[j]
+    tokens[rows] = torch.tensor(choice, device=scaled.device)
 
 
 def _nucleus_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
