@@ -75,6 +75,15 @@ def _free_ports(n):
     return ports
 
 
+def _alive(pid_file: Path) -> bool:
+    """Whether the torchserve that wrote ``pid_file`` still runs (it exits at once on a port clash)."""
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    return True
+
+
 @contextmanager
 def running_torchserve(root: Path, start_timeout: float = 180):
     """Serve ``root/model_store/jai.mar`` with the repo's config.properties; always stop it."""
@@ -101,8 +110,10 @@ def running_torchserve(root: Path, start_timeout: float = 180):
                     break
             except (requests.ConnectionError, requests.HTTPError, FileNotFoundError, KeyError, ValueError):
                 pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("torchserve did not become ready:\n" + server.log())
+            if time.monotonic() > deadline or not _alive(root / ".model_server.pid"):
+                raise RuntimeError(
+                    "torchserve did not become ready:\n" + server.log() + "\n" + server.log("../start.log")
+                )
             time.sleep(0.5)
         yield server
     finally:

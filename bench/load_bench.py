@@ -1,0 +1,163 @@
+"""Closed-loop load against a real torchserve: N clients, each sending its next request as soon as the
+last one is answered. Reports aggregate tokens/s, time to first token, inter-token latency and request
+latency (p50/p99) per concurrency, for each TorchServe batching mode.
+
+    .venv/bin/python bench/load_bench.py [--modes default continuous] [--clients 1 4 16 64]
+                                         [--tokens 128] [--requests-per-client 2] [--no-stream]
+
+The model is the seed's full default shape (24000/256/6/6/384) with random weights and a synthetic
+24000-token tokenizer (every token decodes to a few ASCII letters, so every token is one stream line),
+served from the repo's config.properties and model-config.yaml (batching keys overridden per mode) on
+free ports. Writes bench/results/load.json. The machine is shared: compare modes within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import string
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests")]
+
+from reference_gpt import ReferenceGPT  # noqa: E402
+from ts_launcher import archive, running_torchserve  # noqa: E402
+
+MODES = {  # model-config.yaml overrides per TorchServe batcher
+    "default": {"continuousBatching": False},
+    "continuous": {"continuousBatching": True, "maxBatchDelay": 1},
+}
+
+
+def make_bench_model(directory: Path) -> tuple[Path, Path]:
+    """Random full-shape checkpoint in the seed's format and a 24000-token byte-level tokenizer."""
+    checkpoint, tokenizer_path = directory / "ckpt.pt", directory / "tokenizer.json"
+    if checkpoint.exists() and tokenizer_path.exists():
+        return checkpoint, tokenizer_path
+    torch.manual_seed(0)
+    torch.save({"model": ReferenceGPT().state_dict()}, checkpoint)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    words = ("".join(w) for n in itertools.count(2) for w in itertools.product(string.ascii_lowercase, repeat=n))
+    vocab = {token: i for i, token in enumerate(sorted(alphabet))}
+    for word in words:
+        if len(vocab) == 24000:
+            break
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(tokenizer_path))
+    return checkpoint, tokenizer_path
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def client_loop(server, n_requests: int, tokens: int, stream: bool, seed: int, out: list, start_gate):
+    session = requests.Session()
+    headers = server.headers()
+    start_gate.wait()
+    for i in range(n_requests):
+        body = {"prompt": f"bench {seed} {i} hello", "max_tokens": tokens, "temperature": 0.8,
+                "seed": seed * 1000 + i, "stream": stream}
+        sent = time.perf_counter()
+        response = session.post(f"{server.inference}/predictions/jai", json=body, headers=headers,
+                                stream=stream, timeout=600)
+        arrivals, generated = [], 0
+        if stream:
+            for line in response.iter_lines():
+                if line:
+                    arrivals.append(time.perf_counter())
+                    last = json.loads(line)
+            generated = last["usage"]["completion_tokens"]
+        else:
+            arrivals.append(time.perf_counter())
+            generated = response.json()["usage"]["completion_tokens"]
+        response.raise_for_status()
+        out.append({"sent": sent, "arrivals": arrivals, "tokens": generated})
+
+
+def run_level(server, clients: int, requests_per_client: int, tokens: int, stream: bool) -> dict:
+    results: list[dict] = []
+    gate = threading.Barrier(clients + 1)
+    threads = [threading.Thread(target=client_loop, args=(server, requests_per_client, tokens, stream, c,
+                                                          results, gate)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    gate.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    ttft = [(r["arrivals"][0] - r["sent"]) * 1000 for r in results] if stream else []
+    itl = [(b - a) * 1000 for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    latency = [(r["arrivals"][-1] - r["sent"]) * 1000 for r in results]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+        "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
+        "latency_ms_p50": percentile(latency, 50), "latency_ms_p99": percentile(latency, 99),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64, help="model-config batchSize (engine slots)")
+    parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
+    args = parser.parse_args()
+    stream = not args.no_stream
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="jai-load-") as scratch:
+        scratch = Path(scratch)
+        checkpoint, tokenizer = make_bench_model(scratch)
+        base = yaml.safe_load((ROOT / "model-config.yaml").read_text())
+        for mode in args.modes:
+            root = scratch / mode
+            root.mkdir()
+            config = {**base, **MODES[mode], "batchSize": args.batch_size}
+            (root / "model-config.yaml").write_text(yaml.safe_dump(config))
+            archive(root, checkpoint, tokenizer, root / "model-config.yaml")
+            with running_torchserve(root) as server:
+                run_level(server, 1, 1, 8, stream)  # warm-up
+                for clients in args.clients:
+                    row = {"mode": mode, "stream": stream, **run_level(server, clients, args.requests_per_client,
+                                                                        args.tokens, stream)}
+                    rows.append(row)
+                    print(f"  {mode:10s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
+                          f"ttft p50 {row['ttft_ms_p50']:7.0f} ms", file=sys.stderr)
+    print(f"\nClosed loop, {args.tokens} tokens/request, {'streamed' if stream else 'not streamed'}, "
+          f"batchSize {args.batch_size}, full default shape, float32\n")
+    print("| batcher | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | latency p50 / p99 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']:.0f} | {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} "
+              f"| {r['itl_ms_p50']:.0f} / {r['itl_ms_p99']:.0f} | {r['latency_ms_p50']:.0f} / {r['latency_ms_p99']:.0f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"tokens": args.tokens, "stream": stream, "batch_size": args.batch_size,
+                                    "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
