@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from jai import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
@@ -41,8 +43,11 @@ class JAIHandler(BaseHandler):
 
         request: GenerationRequest
         started: float
+        prompt_tokens: int = 0
         steps: int = 0  # handle() calls that carried this request
+        generated: int = 0  # tokens generated so far
         first_token_at: float | None = None
+        last_token_at: float | None = None
         pieces: list[str] = field(default_factory=list)
         unsent_ids: list[int] = field(default_factory=list)  # tokens not yet in a stream line
         unsent_text: str = ""
@@ -82,8 +87,10 @@ class JAIHandler(BaseHandler):
             "torch_threads": torch.get_num_threads(),
         }
         self.running: dict[str, JAIHandler.Running] = {}
+        self.reported_active = None  # last value of the jai_active_requests gauge this worker sent
         self.context = context
         self.initialized = True
+        self._counter("jai_worker_starts_total", 1)  # TorchServe restarts a dead worker under the same name
         logger.info("JAI ready: %s", self.description)
 
     def _device(self, properties) -> torch.device:
@@ -106,6 +113,7 @@ class JAIHandler(BaseHandler):
         replies = {}
         try:
             self.preprocess(data, context, replies)
+            self._report_active()
             if not self.continuous:
                 return self._run_to_completion(context, replies)
             outputs = self.inference()
@@ -119,7 +127,8 @@ class JAIHandler(BaseHandler):
         present = set(context.request_ids.values())
         for request_id in [r for r in self.running if r not in present]:
             self.engine.abort(request_id)  # its client disconnected: free the slot
-            self._log(request_id, self.running.pop(request_id), "aborted", 0, 0)
+            state = self.running.pop(request_id)
+            self._finished(request_id, state, "aborted", state.prompt_tokens, state.generated)
         for idx, row in enumerate(data):
             request_id = context.request_ids[idx]
             if request_id in self.running:
@@ -135,7 +144,7 @@ class JAIHandler(BaseHandler):
             except ParameterError as exc:  # the engine's configured limits (max_tokens, prompt length)
                 replies[idx] = (400, _json(error_body(400, f"{exc.field}: {exc.problem}")))
             else:
-                self.running[request_id] = self.Running(request, time.perf_counter())
+                self.running[request_id] = self.Running(request, time.perf_counter(), len(prompt_ids))
 
     def inference(self):
         return {out.request_id: out for out in self.engine.step()}
@@ -165,14 +174,19 @@ class JAIHandler(BaseHandler):
     def _absorb(self, request_id, state: JAIHandler.Running, out) -> bool:
         if out is None:
             return False  # still waiting for a prefill slot
+        now = time.perf_counter()
         if state.first_token_at is None:
-            state.first_token_at = time.perf_counter()
+            state.first_token_at = now
+            self._histogram("jai_time_to_first_token_seconds", now - state.started)
+        if out.token_ids:
+            state.last_token_at = now
+            state.generated += len(out.token_ids)
         state.pieces.append(out.text)
         state.unsent_ids += out.token_ids
         state.unsent_text += out.text
         if out.finished:
             del self.running[request_id]
-            self._log(request_id, state, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+            self._finished(request_id, state, out.finish_reason, out.prompt_tokens, out.completion_tokens)
         return out.finished
 
     def _reply(self, state: JAIHandler.Running, out, finished: bool) -> str:
@@ -234,12 +248,52 @@ class JAIHandler(BaseHandler):
             criteria.append(True if state is not None and state.steps > 0 else None)
             context.set_response_status(500, "Internal Server Error", idx)
             context.set_response_content_type(idx, JSON)
-        for request_id in list(self.running):
+        for request_id, state in self.running.items():
             self.engine.abort(request_id)
+            self._finished(request_id, state, "error", state.prompt_tokens, state.generated)
         self.running.clear()
+        self._report_active()
         context.stopping_criteria = [lambda _, done=done: done for done in criteria]
         body = _json(error_body(500, "generation failed; see the model log", "InternalServerError"))
         return [body] * len(context.request_ids)
+
+    def _finished(self, request_id, state: JAIHandler.Running, finish_reason, prompt_tokens, completion_tokens):
+        """A request left the engine (stop, length, aborted or error): its log line and its metrics."""
+        self._log(request_id, state, finish_reason, prompt_tokens, completion_tokens)
+        self._counter("jai_prompt_tokens_total", prompt_tokens)
+        self._counter("jai_generated_tokens_total", completion_tokens)
+        self._counter("jai_requests_finished_total", 1, FinishReason=finish_reason)
+        if state.generated >= 2:
+            between = (state.last_token_at - state.first_token_at) / (state.generated - 1)
+            self._histogram("jai_inter_token_latency_seconds", between)
+        self._report_active()
+
+    # ----- metrics: declared in metrics.yaml (model_metrics), else TorchServe drops them -----
+
+    def _dimensions(self, **custom) -> list:
+        # Explicit and fresh each call (TorchServe appends its defaults to the list it is given), in
+        # metrics.yaml's order: custom dimensions, then ModelName and Level.
+        dims = [Dimension(name, str(value)) for name, value in custom.items()]
+        return dims + [Dimension("ModelName", self.context.model_name), Dimension("Level", "Model")]
+
+    def _counter(self, name, value, **custom):
+        if self.context.metrics is not None:  # None only in tests that run the handler without TorchServe
+            self.context.metrics.add_counter(name, value, dimensions=self._dimensions(**custom))
+
+    def _histogram(self, name, seconds):
+        if self.context.metrics is not None:
+            self.context.metrics.add_metric(
+                name, seconds, "s", dimensions=self._dimensions(), metric_type=MetricTypes.HISTOGRAM
+            )
+
+    def _report_active(self):
+        """jai_active_requests: sent when it changes (admission, a request leaving), not every step."""
+        active = len(self.running)
+        if self.context.metrics is not None and active != self.reported_active:
+            self.context.metrics.add_metric(
+                "jai_active_requests", active, "count", dimensions=self._dimensions(), metric_type=MetricTypes.GAUGE
+            )
+            self.reported_active = active
 
     def _log(self, request_id, state: JAIHandler.Running, finish_reason, prompt_tokens, completion_tokens):
         now = time.perf_counter()
