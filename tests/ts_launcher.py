@@ -92,6 +92,8 @@ def running_torchserve(root: Path, start_timeout: float = 180):
     config = (ROOT / "config.properties").read_text()
     config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m.group(1)]}", config)
     config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m.group(1)}={ports[m.group(2)]}", config, flags=re.M)
+    # the frontend names its worker sockets after java.io.tmpdir, not TMPDIR: keep them in the scratch folder
+    config = re.sub(r"^vmargs=(.*)$", lambda m: f"vmargs={m.group(1)} -Djava.io.tmpdir={root}", config, flags=re.M)
     (root / "config.properties").write_text(config)
     for relative in re.findall(r"^metrics_config=(\S+)$", config, flags=re.M):  # files it names
         if not Path(relative).is_absolute():
