@@ -127,3 +127,21 @@ def test_abort_frees_the_row_and_keeps_others_exact(tiny_model):
 def test_usage_counts(tiny_engine):
     [result] = tiny_engine.generate([prompt_of(9)], [SamplingParams(max_tokens=4, temperature=0)])
     assert result.prompt_tokens == 9 and len(result.token_ids) == 4
+
+
+def test_bfloat16_engine_runs_and_mostly_agrees_with_float32(tiny_ckpt):
+    path, _ = tiny_ckpt
+    prompt, params = prompt_of(6), SamplingParams(max_tokens=16, temperature=0)
+    full = Engine(load_model(path, n_head=2)).generate([prompt], [params])[0].token_ids
+    engine = Engine(load_model(path, n_head=2, dtype=torch.bfloat16))
+    assert engine.cache.k.dtype == torch.bfloat16
+    half = engine.generate([prompt], [params])[0].token_ids
+    assert len(half) == 16 and half[:2] == full[:2]  # rounding may change later greedy choices
+
+
+def test_device_resolution():
+    from jai import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
