@@ -3,6 +3,7 @@
 import json
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -34,6 +35,26 @@ def test_chat_answers_in_korean_and_stops_at_the_answer_marker(ts_server):
     assert body["finish_reason"] == "stop" and "[/ANSWER]" not in body["generated"]
     assert "서울" in body["generated"] or "React" in body["generated"]
     assert re.search("[가-힣]{2,}", body["generated"]) and "\ufffd" not in body["generated"]
+
+
+def test_a_stream_arrives_line_by_line_and_joins_to_the_plain_answer(ts_server):
+    body = {"prompt": "판교에서 백엔드 개발자 채용하는 곳 알려줘", "mode": "chat", "temperature": 0.5, "top_k": 3, "seed": 5}
+    sent = time.perf_counter()
+    with ts_server.predict({**body, "stream": True}, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/x-ndjson"
+        arrivals, lines = [], []
+        for line in response.iter_lines():
+            arrivals.append(time.perf_counter() - sent)
+            lines.append(json.loads(line))
+    last = lines[-1]
+    assert len(lines) > 10 and arrivals[0] < arrivals[-1] / 2  # the first line well before the last
+    assert set(FIELDS) <= set(last) and last["finish_reason"] == "stop"
+    assert not any("\ufffd" in line["text"] for line in lines)  # no syllable split across lines
+    assert "".join(line["text"] for line in lines) == last["generated"]
+    assert sum(len(line["token_ids"]) for line in lines) == last["usage"]["completion_tokens"]
+    plain = ts_server.predict(body, timeout=60).json()  # the same seed, not streamed
+    assert plain["generated"] == last["generated"]
 
 
 def test_concurrent_greedy_requests_each_get_their_own_answer(ts_server, demo_build):
