@@ -5,11 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: serve test setup java demo archive start stop status bench clean
+.PHONY: serve test setup java prometheus demo archive start stop status bench clean
 
 serve: setup demo archive start
 
-test: setup
+test: setup prometheus
 	$(PY) -m pytest
 
 setup: $(VENV)/.installed java
@@ -23,6 +23,11 @@ $(VENV)/.installed: requirements.txt
 
 java:
 	scripts/ensure_java.sh
+
+# tests/test_operations.py runs a real Prometheus against torchserve: Debian's package, when we may install it
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
 
 # Never overwrites an existing checkpoints/ckpt.pt (yours, or a demo built earlier).
 demo: $(VENV)/.installed
