@@ -27,6 +27,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from jai import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
 from jai.api import Defaults, GenerationRequest, InvalidRequest, completion_body, error_body, parse_request
+from jai.checkpoint import quantize_int8
 from jai.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,11 @@ class JAIHandler(BaseHandler):
             torch.set_num_threads(self.settings.threads)
         self.device = self._device(properties)
         checkpoint = model_dir / self.settings.checkpoint
-        model = load_model(checkpoint, self.settings.n_head, self.device, getattr(torch, self.settings.dtype))
+        int8 = self.settings.dtype == "int8"  # load float32, count parameters, then quantize the Linears
+        model = load_model(checkpoint, self.settings.n_head, self.device, "float32" if int8 else self.settings.dtype)
+        parameters = model.num_parameters()
+        if int8:
+            model = quantize_int8(model)
         tokenizer = load_tokenizer(model_dir / self.settings.tokenizer, model.config.vocab_size)
         self.engine = Engine(
             model,
@@ -75,7 +80,7 @@ class JAIHandler(BaseHandler):
         self.description = {
             "device": str(self.device),
             "dtype": self.settings.dtype,
-            "parameters": model.num_parameters(),
+            "parameters": parameters,
             "vocab_size": model.config.vocab_size,
             "block_size": model.config.block_size,
             "n_layer": model.config.n_layer,

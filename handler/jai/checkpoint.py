@@ -16,6 +16,7 @@ _SEED_MASK_BUFFER = re.compile(r"^blocks\.\d+\.attn\.bias$")
 _COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key
 _CONFIG_KEYS = ("config", "model_args")
 _CONFIG_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+DTYPES = ("float32", "bfloat16", "int8")  # handler.dtype; int8 = float32 weights, Linear layers quantized
 
 
 class CheckpointError(ValueError):
@@ -26,8 +27,15 @@ def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32) -> GPT:
     """Build a GPT from ``path`` (``{"model": state_dict}``, a bare state dict, or nanoGPT-style).
 
     The architecture comes from the checkpoint's ``config``/``model_args`` when present, otherwise from
-    the tensor shapes; ``n_head`` is used only when the checkpoint does not say.
+    the tensor shapes; ``n_head`` is used only when the checkpoint does not say. ``dtype`` is a torch
+    dtype or one of ``DTYPES``; ``"int8"`` loads in float32 and then applies ``quantize_int8``.
     """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if dtype == "int8":
+            return quantize_int8(load_model(path, n_head, device, torch.float32))
+        dtype = getattr(torch, dtype)
     path = Path(path)
     state, stored_config = _read_state_dict(path)
     config = _config_from(state, stored_config, n_head, path)
@@ -35,6 +43,16 @@ def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32) -> GPT:
     _check_keys_and_shapes(model, state, path)
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Dynamic INT8 quantization of every ``nn.Linear`` (the output head included), as the seed's design
+    doc proposes: weights stored as int8, activations quantized per batch at run time; embeddings,
+    LayerNorms, attention and the KV cache stay float32. CPU only (PyTorch's quantized kernels).
+    """
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("dtype int8 (dynamic quantization) runs on CPU only; set handler.device: cpu")
+    return torch.ao.quantization.quantize_dynamic(model.float().eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def load_tokenizer(path, vocab_size: int | None = None) -> Tokenizer:

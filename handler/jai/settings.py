@@ -13,7 +13,7 @@ class Settings:
     tokenizer: str = "tokenizer.json"
     n_head: int = 6  # used only when the checkpoint does not store its config
     device: str = "auto"  # auto = TorchServe's GPU when it gives one, else cpu
-    dtype: str = "float32"  # or bfloat16
+    dtype: str = "float32"  # or bfloat16, or int8 (Linear layers dynamically quantized, CPU only)
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
     max_prefill_tokens: int = 512  # prompt tokens admitted per step: bounds a step's stall
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
