@@ -191,9 +191,10 @@ def test_a_full_job_queue_answers_503_and_loses_no_accepted_request(small_server
         assert response.status_code == 200
         body = response.json()
         assert body["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1
+    # the frontend reads the worker's metric lines asynchronously: wait for the gauge line as well
     finished = wait_for(
         lambda: (c := jai_counts(small_server))["length"] + c["stop"] - before["length"] - before["stop"]
-        == len(accepted) and c, 30, what="the finished-request counter")
+        == len(accepted) and c["active"] == 0 and c, 30, what="the finished-request counter and active gauge")
     assert finished["active"] == 0
 
 
