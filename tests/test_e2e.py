@@ -48,7 +48,7 @@ def test_a_stream_arrives_line_by_line_and_joins_to_the_plain_answer(ts_server):
             arrivals.append(time.perf_counter() - sent)
             lines.append(json.loads(line))
     last = lines[-1]
-    assert len(lines) > 10 and arrivals[0] < arrivals[-1] / 2  # the first line well before the last
+    assert len(lines) > 10 and arrivals[0] < 0.75 * arrivals[-1]  # the first line well before the last
     assert set(FIELDS) <= set(last) and last["finish_reason"] == "stop"
     assert not any("\ufffd" in line["text"] for line in lines)  # no syllable split across lines
     assert "".join(line["text"] for line in lines) == last["generated"]
