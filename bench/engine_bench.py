@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,11 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests")]
 
-from jai import GPT, Engine, GPTConfig, SamplingParams, resolve_device  # noqa: E402
+from jai import Engine, SamplingParams, load_model, resolve_device  # noqa: E402
 from reference_gpt import ReferenceGPT  # noqa: E402
 
 PROMPT_TOKENS = 24  # about a chat-wrapped question
-MASK_BUFFER = re.compile(r"^blocks\.\d+\.attn\.bias$")  # the seed's causal-mask buffers
 
 
 def reference_tokens_per_s(reference, tokens: int, device) -> float:
@@ -66,9 +65,11 @@ def main() -> None:
     reference = ReferenceGPT().to(device).eval()
     ref = reference_tokens_per_s(reference, args.tokens, device)
     rows = []
-    for dtype_name in args.dtypes:
-        model = GPT(GPTConfig()).to(device=device, dtype=getattr(torch, dtype_name)).eval()
-        model.load_state_dict({k: v for k, v in reference.state_dict().items() if not MASK_BUFFER.match(k)})
+    with tempfile.TemporaryDirectory() as scratch:  # the engine loads the seed's checkpoint format
+        checkpoint = Path(scratch) / "ckpt.pt"
+        torch.save({"model": reference.state_dict()}, checkpoint)
+        models = {name: load_model(checkpoint, device=device, dtype=name) for name in args.dtypes}
+    for dtype_name, model in models.items():
         for n in args.concurrency:
             result = engine_run(model, n, args.tokens, device)
             rows.append({"dtype": dtype_name, "concurrency": n, **result, "vs_reference": result["tokens_per_s"] / ref})
