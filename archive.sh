@@ -7,7 +7,7 @@ usage() {
 usage: ./archive.sh [--checkpoint PATH] [--tokenizer PATH] [--model-store DIR] [--config YAML]
 
 Packs the checkpoint (default checkpoints/ckpt.pt), the tokenizer (default data/tokenizer.json),
-the handler (handler/jai_handler.py and the handler/jai package) and the model config (default
+the handler (handler/jai_handler.py and the handler/jaiserve package) and the model config (default
 model-config.yaml) into DIR/jai.mar (default model_store/jai.mar), replacing an older one. Relative
 paths are taken from the current directory, defaults from the repo root. The checkpoint is loaded
 once first, so a file that cannot serve fails here rather than in a TorchServe worker.
@@ -45,7 +45,7 @@ bin=.venv/bin
 "$bin/python" - "$checkpoint" "$tokenizer" <<'PY'
 import sys
 sys.path.insert(0, "handler")
-from jai import CheckpointError, load_model, load_tokenizer
+from jaiserve import CheckpointError, load_model, load_tokenizer
 try:
     model = load_model(sys.argv[1])
     load_tokenizer(sys.argv[2], model.config.vocab_size)
@@ -59,7 +59,7 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/src" "$store"
 cp "$checkpoint" "$stage/ckpt.pt"          # names the handler reads (model-config.yaml handler:)
 cp "$tokenizer" "$stage/tokenizer.json"
-cp -r handler/jai "$stage/src/jai"          # --extra-files copies a folder's contents: src/ -> jai/
+cp -r handler/jaiserve "$stage/src/jaiserve"          # --extra-files copies a folder's contents: src/ -> jaiserve/
 find "$stage/src" -name __pycache__ -prune -exec rm -rf {} +
 
 TMPDIR=$stage "$bin/torch-model-archiver" \

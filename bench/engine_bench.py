@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests")]
 
-from jai import Engine, SamplingParams, load_model, resolve_device  # noqa: E402
+from jaiserve import Engine, SamplingParams, load_model, resolve_device  # noqa: E402
 from reference_gpt import ReferenceGPT  # noqa: E402
 
 PROMPT_TOKENS = 24  # about a chat-wrapped question

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "handler"), str(ROOT / "tests"), str(ROOT)]
 
 from engine_bench import reference_tokens_per_s  # noqa: E402
-from jai import Engine, SamplingParams, load_model, load_tokenizer  # noqa: E402
+from jaiserve import Engine, SamplingParams, load_model, load_tokenizer  # noqa: E402
 from load_bench import make_bench_model, run_level  # noqa: E402
 from reference_gpt import ReferenceGPT  # noqa: E402
 from scripts import make_demo_model as demo  # noqa: E402

@@ -1,4 +1,4 @@
-"""TorchServe handler for JAI: a thin adapter between TorchServe's batches and ``jai.Engine``.
+"""TorchServe handler for JAI: a thin adapter between TorchServe's batches and ``jaiserve.Engine``.
 
 With ``continuousBatching: true`` every ``handle()`` call is ONE engine step over
 the requests TorchServe currently holds: new requests arrive with a body and are admitted, running
@@ -25,10 +25,10 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from jai import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
-from jai.api import Defaults, GenerationRequest, InvalidRequest, completion_body, error_body, parse_request
-from jai.checkpoint import quantize_int8
-from jai.settings import Settings
+from jaiserve import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
+from jaiserve.api import Defaults, GenerationRequest, InvalidRequest, completion_body, error_body, parse_request
+from jaiserve.checkpoint import quantize_int8
+from jaiserve.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "handler"))
 
-from jai.model import GPT, GPTConfig  # noqa: E402
+from jaiserve.model import GPT, GPTConfig  # noqa: E402
 
 CHECKPOINT = Path("checkpoints/ckpt.pt")
 TOKENIZER = Path("data/tokenizer.json")

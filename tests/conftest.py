@@ -8,7 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jai import Engine, load_model
+from jaiserve import Engine, load_model
 from reference_gpt import ReferenceGPT
 from ts_launcher import archive, running_torchserve
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from jai import CheckpointError, load_model, load_tokenizer
+from jaiserve import CheckpointError, load_model, load_tokenizer
 from reference_gpt import ReferenceGPT
 
 

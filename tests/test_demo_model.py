@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from jai import Engine, SamplingParams, load_model, load_tokenizer
-from jai.checkpoint import file_sha256
+from jaiserve import Engine, SamplingParams, load_model, load_tokenizer
+from jaiserve.checkpoint import file_sha256
 from scripts.make_demo_model import (
     CHECKPOINT,
     HELD_OUT_QUESTIONS,

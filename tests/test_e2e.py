@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from jai import Engine, SamplingParams, load_model, load_tokenizer
-from jai.api import CHAT_TEMPLATE
+from jaiserve import Engine, SamplingParams, load_model, load_tokenizer
+from jaiserve.api import CHAT_TEMPLATE
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import FULL, TINY
-from jai import Engine, SamplingParams, load_model
+from jaiserve import Engine, SamplingParams, load_model
 
 
 def reference_greedy(reference, prompt, max_tokens):
@@ -140,7 +140,7 @@ def test_bfloat16_engine_runs_and_mostly_agrees_with_float32(tiny_ckpt):
 
 
 def test_device_resolution():
-    from jai import resolve_device
+    from jaiserve import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

@@ -7,8 +7,8 @@ import pytest
 from ts.context import Context, RequestProcessor
 
 import jai_handler
-from jai import Engine, SamplingParams, load_model, load_tokenizer
-from jai.api import CHAT_TEMPLATE
+from jaiserve import Engine, SamplingParams, load_model, load_tokenizer
+from jaiserve.api import CHAT_TEMPLATE
 
 YAML = {
     "continuousBatching": True,

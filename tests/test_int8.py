@@ -9,8 +9,8 @@ import torch
 from ts.context import Context, RequestProcessor
 
 import jai_handler
-from jai import Engine, SamplingParams, load_model, load_tokenizer
-from jai.checkpoint import quantize_int8
+from jaiserve import Engine, SamplingParams, load_model, load_tokenizer
+from jaiserve.checkpoint import quantize_int8
 from scripts.make_demo_model import HELD_OUT_QUESTIONS, PLACES, chat_prompt, held_out_pairs
 
 DynamicLinear = torch.ao.nn.quantized.dynamic.Linear

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from jai import Engine, Limits, ParameterError, SamplingParams
-from jai.sampling import sample
+from jaiserve import Engine, Limits, ParameterError, SamplingParams
+from jaiserve.sampling import sample
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import KOREAN_TEXT, TINY
-from jai import Engine, GPT, GPTConfig, IncrementalDetokenizer, SamplingParams
+from jaiserve import Engine, GPT, GPTConfig, IncrementalDetokenizer, SamplingParams
 
 
 def test_pieces_join_to_decode_and_never_split_a_character(korean_tokenizer):
