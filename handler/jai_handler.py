@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from jaiserve import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
 from jaiserve.api import Defaults, GenerationRequest, InvalidRequest, completion_body, error_body, parse_request
 from jaiserve.checkpoint import quantize_int8
+from jaiserve.drain import DrainState, draining_body
 from jaiserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class JAIHandler(BaseHandler):
         }
         self.running: dict[str, JAIHandler.Running] = {}
         self.reported_active = None  # last value of the jai_active_requests gauge this worker sent
+        self.drain = DrainState.for_worker()  # None outside a TorchServe worker (tests); see jaiserve/drain.py
         self.context = context
         self.initialized = True
         self._counter("jai_worker_starts_total", 1)  # TorchServe restarts a dead worker under the same name
@@ -107,7 +110,7 @@ class JAIHandler(BaseHandler):
         return torch.device("cpu")
 
     def describe_handle(self):
-        return json.dumps({**self.description, "running_requests": len(self.running)})
+        return json.dumps({**self.description, "running_requests": len(self.running), "draining": self._draining()})
 
     # ----- TorchServe entry point -----
 
@@ -134,9 +137,13 @@ class JAIHandler(BaseHandler):
             self.engine.abort(request_id)  # its client disconnected: free the slot
             state = self.running.pop(request_id)
             self._finished(request_id, state, "aborted", state.prompt_tokens, state.generated)
+        draining = self._draining()  # once per call: requests already running continue either way
         for idx, row in enumerate(data):
             request_id = context.request_ids[idx]
             if request_id in self.running:
+                continue
+            if draining:
+                replies[idx] = (503, _json(draining_body()))
                 continue
             try:
                 if "body" not in row and "data" not in row:  # e.g. curl -d without a JSON content type
@@ -238,9 +245,13 @@ class JAIHandler(BaseHandler):
             for idx, (code, body) in sorted(replies.items())
         ]
 
+    def _draining(self) -> bool:
+        """Whether scripts/serve.sh drain asked this server to stop admitting requests."""
+        return self.drain is not None and self.drain.draining()
+
     @staticmethod
     def _refuse(context, idx, code, body) -> str:
-        context.set_response_status(code, "Bad Request", idx)
+        context.set_response_status(code, HTTPStatus(code).phrase, idx)
         context.set_response_content_type(idx, JSON)
         return body
 
@@ -292,13 +303,17 @@ class JAIHandler(BaseHandler):
             )
 
     def _report_active(self):
-        """jai_active_requests: sent when it changes (admission, a request leaving), not every step."""
+        """jai_active_requests, and this worker's count for a drain: when it changes, not every step."""
         active = len(self.running)
-        if self.context.metrics is not None and active != self.reported_active:
+        if active == self.reported_active:
+            return
+        if self.drain is not None:
+            self.drain.record_active(active)
+        if self.context.metrics is not None:
             self.context.metrics.add_metric(
                 "jai_active_requests", active, "count", dimensions=self._dimensions(), metric_type=MetricTypes.GAUGE
             )
-            self.reported_active = active
+        self.reported_active = active
 
     def _log(self, request_id, state: JAIHandler.Running, finish_reason, prompt_tokens, completion_tokens):
         now = time.perf_counter()
