@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Run TorchServe with JAI in the background (nohup-style): start | stop | restart | status | logs.
-# For a supervised service use deploy/systemd/jai-serve.service or deploy/launchd/com.jai.server.plist.
+# Run TorchServe with JAI in the background (nohup-style): start | stop | restart | drain | status | logs.
+# For a supervised service use deploy/systemd/jai-serve.service or deploy/launchd/com.jai.server.plist;
+# they, the container (deploy/docker) and the pod's preStop (deploy/k8s) call `drain` before stopping.
 set -euo pipefail
 
 usage() {
     cat <<USAGE
-usage: scripts/serve.sh start|stop|restart|status|logs
+usage: scripts/serve.sh start|stop|restart|drain|status|logs
 
 Runs torchserve in JAI_DIR (default: the repo root) with JAI_DIR/config.properties: the model store,
 metrics.yaml, logs/ and key_file.json are all relative to it. torchserve records its pid in
-\${TMPDIR:-/tmp}/.model_server.pid, so one TMPDIR holds one server. JAI_START_TIMEOUT (s, default 180)
-bounds the wait for a READY worker.
+\${TMPDIR:-/tmp}/.model_server.pid and its worker sockets go there too, so one TMPDIR holds one server.
+JAI_START_TIMEOUT (s, default 180) bounds the wait for a READY worker.
+
+drain: new requests get a 503 {"type": "Draining"} (a balancer re-sends them elsewhere) while the
+running ones finish, for at most JAI_DRAIN_TIMEOUT seconds (default 120; 0: do not wait); the server
+keeps running, draining, until it is stopped. stop drains first, then stops torchserve.
 USAGE
 }
 
@@ -20,6 +25,10 @@ bin=$repo/.venv/bin
 cd "${JAI_DIR:-$repo}"
 [[ -f config.properties ]] || { echo "serve.sh: no config.properties in $PWD" >&2; exit 1; }
 pid_file="${TMPDIR:-/tmp}/.model_server.pid" # where torchserve itself records its pid
+# The frontend (Java) puts its worker sockets in java.io.tmpdir, which torchserve sets from TEMP: follow
+# TMPDIR, so that two servers in two TMPDIRs do not take each other's sockets.
+export TEMP=${TEMP:-${TMPDIR:-/tmp}}
+drain_timeout=${JAI_DRAIN_TIMEOUT:-120}
 
 property() { # property <key>: its value in config.properties
     sed -n "s/^$1=//p" config.properties | tail -n 1
@@ -38,12 +47,21 @@ key() { # key <inference|management>: the current token from ./key_file.json
     "$bin/python" -c 'import json,sys; print(json.load(open("key_file.json"))[sys.argv[1]]["key"])' "$1"
 }
 
+describe() { # GET /models/jai on the management API, with the key when token auth is on (key_file.json)
+    local header=()
+    if [[ -f key_file.json ]]; then header=(-H "Authorization: Bearer $(key management)"); fi
+    curl -sf "${header[@]}" "$management/models/jai" 2>/dev/null
+}
+
+token_auth() { # whether config.properties leaves TorchServe's token authorization on (its default)
+    [[ $(property disable_token_authorization) != true ]]
+}
+
 wait_ready() { # until a worker of jai is READY, or the timeout
     local deadline=$((SECONDS + ${JAI_START_TIMEOUT:-180}))
     while ((SECONDS < deadline)); do
-        if [[ -f key_file.json ]] &&
-            curl -sf -H "Authorization: Bearer $(key management)" "$management/models/jai" 2>/dev/null |
-            grep -q '"status": "READY"'; then
+        # with token auth on, wait for the key file: a call without a key would only be refused
+        if { ! token_auth || [[ -f key_file.json ]]; } && describe | grep -q '"status": "READY"'; then
             return 0
         fi
         if [[ -z $(running_pid) ]]; then
@@ -65,15 +83,54 @@ start() {
         { cat logs.start.txt >&2; exit 1; }
     wait_ready
     echo "serve.sh: jai is serving on $inference (pid $(running_pid)). Try:"
-    echo "  TOKEN=\$(python3 -c 'import json; print(json.load(open(\"$PWD/key_file.json\"))[\"inference\"][\"key\"])')"
-    echo "  curl -s $inference/predictions/jai -H \"Authorization: Bearer \$TOKEN\" \\"
+    local auth=""
+    if token_auth; then
+        echo "  TOKEN=\$(python3 -c 'import json; print(json.load(open(\"$PWD/key_file.json\"))[\"inference\"][\"key\"])')"
+        auth=" -H \"Authorization: Bearer \$TOKEN\""
+    fi
+    echo "  curl -s $inference/predictions/jai$auth \\"
     echo "    -H 'Content-Type: application/json' -d '{\"prompt\": \"서울에서 React 개발자 채용 있어?\", \"mode\": \"chat\", \"temperature\": 0}'"
 }
 
+in_flight() { # in_flight <drain folder>: requests queued in the frontend + admitted by a live worker
+    local queued count=0 file
+    # pendingRequests: jobs no worker has taken yet (a draining worker takes them only to refuse them)
+    queued=$(describe | "$bin/python" -c 'import json, sys
+print(sum(m["jobQueueStatus"]["pendingRequests"] for m in json.load(sys.stdin)))' 2>/dev/null) || return 1
+    for file in "$1"/active.*; do # one per worker (handler/jaiserve/drain.py); a dead worker's is ignored
+        if [[ -f $file ]] && kill -0 "${file##*.}" 2>/dev/null; then count=$((count + $(<"$file"))); fi
+    done
+    echo $((queued + count))
+}
+
+drain() { # new requests get a 503 while the running ones finish, for at most $drain_timeout s
+    local pid folder deadline n last="" zeros=0
+    if ! pid=$(running_pid); then echo "serve.sh: not running"; return 0; fi
+    folder=${TMPDIR:-/tmp}/jai-drain.$pid # the workers' folder, named after their frontend's pid
+    mkdir -p "$folder" && touch "$folder/draining"
+    deadline=$((SECONDS + drain_timeout))
+    while true; do
+        n=$(in_flight "$folder") || n="an unknown number of"
+        # zero twice in a row, half a second apart: a worker counts a request finished just before it
+        # hands the last bytes to the frontend, which then still has to write them to the client
+        if [[ $n == 0 ]] && ((++zeros >= 2)); then echo "serve.sh: drained"; return 0; fi
+        [[ $n == 0 ]] || zeros=0
+        ((SECONDS < deadline)) || break
+        if [[ $n != "$last" && $n != 0 ]]; then echo "serve.sh: draining: waiting for $n request(s)"; fi
+        last=$n
+        sleep 0.5
+    done
+    if [[ $n == 0 ]]; then echo "serve.sh: drained"; return 0; fi # JAI_DRAIN_TIMEOUT=0 waits for nothing
+    echo "serve.sh: still $n request(s) running after ${drain_timeout}s (JAI_DRAIN_TIMEOUT); stopping anyway" >&2
+}
+
 stop() {
-    if [[ -z $(running_pid) ]]; then echo "serve.sh: not running"; return 0; fi
+    local pid
+    if ! pid=$(running_pid); then echo "serve.sh: not running"; return 0; fi
+    drain
     # --foreground makes --stop wait (up to 60 s) until the frontend and its workers have exited
     "$bin/torchserve" --stop --foreground
+    rm -rf "${TMPDIR:-/tmp}/jai-drain.$pid"
     echo "serve.sh: stopped"
 }
 
@@ -81,6 +138,7 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     restart) stop && start ;;
+    drain) drain ;;
     status)
         if pid=$(running_pid); then echo "serve.sh: running (pid $pid) in $PWD"; else echo "serve.sh: stopped"; exit 3; fi
         ;;
