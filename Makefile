@@ -5,11 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: serve test setup java prometheus demo archive start stop status bench clean
+.PHONY: serve test setup java prometheus haproxy demo archive start stop status multi-start multi-stop bench clean
 
 serve: setup demo archive start
 
-test: setup prometheus
+test: setup prometheus haproxy
 	$(PY) -m pytest
 
 setup: $(VENV)/.installed java
@@ -29,6 +29,12 @@ prometheus:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
 
+# tests/test_scaleout.py and `make multi-start` put HAProxy in front of two torchserve instances: Debian's
+# package, when we may install it
+haproxy:
+	@command -v haproxy >/dev/null || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }; }
+
 # Never overwrites an existing checkpoints/ckpt.pt (yours, or a demo built earlier).
 demo: $(VENV)/.installed
 	$(PY) scripts/make_demo_model.py
@@ -45,8 +51,15 @@ stop:
 status:
 	scripts/serve.sh status
 
+# Two torchserve instances behind HAProxy on 127.0.0.1:8090 (scripts/multi.py; README "Scaling out")
+multi-start: setup demo archive haproxy
+	$(PY) scripts/multi.py start
+
+multi-stop:
+	$(PY) scripts/multi.py stop
+
 bench: $(VENV)/.installed
 	$(PY) bench/engine_bench.py
 
 clean:
-	rm -rf model_store logs logs.start.txt key_file.json
+	rm -rf model_store logs logs.start.txt key_file.json multi

@@ -109,6 +109,9 @@ def test_serve_sh_stop_drains_running_requests_and_refuses_new_ones(tmp_path, ti
     pid = int((tmp_path / ".model_server.pid").read_text())
     folder = tmp_path / f"jai-drain.{pid}"
     try:
+        # the image's health check, with the token auth of the shipped config (it reads key_file.json)
+        health = [str(ROOT / "deploy" / "docker" / "healthcheck.sh"), "--ready"]
+        assert subprocess.run(health, env=env, capture_output=True, text=True, timeout=30).stdout == "healthy\n"
         keys = json.loads((tmp_path / "key_file.json").read_text())
         headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
         [worker] = requests.get(f"http://127.0.0.1:{ports['8081']}/models/jai", timeout=30,
@@ -119,6 +122,7 @@ def test_serve_sh_stop_drains_running_requests_and_refuses_new_ones(tmp_path, ti
         with open(tmp_path / "stop.out", "w") as out:
             stopping = subprocess.Popen([str(SERVE), "stop"], env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         wait_for(lambda: (folder / "draining").exists(), 30, "the drain marker")
+        assert subprocess.run(health, env=env, capture_output=True, text=True, timeout=30).stdout == "draining\n"
         refused = requests.post(f"{url}/predictions/jai", headers=headers, json={"prompt": "부산"}, timeout=120)
         assert refused.status_code == 503, refused.text
         assert refused.json()["type"] == "Draining" and "draining" in refused.json()["message"]
@@ -143,6 +147,64 @@ def test_a_drain_with_nothing_running_is_immediate_and_a_zero_timeout_never_wait
     env = dict(os.environ, JAI_DIR=str(ROOT), TMPDIR=str(tmp_path), JAI_DRAIN_TIMEOUT="0")
     result = subprocess.run([str(SERVE), "drain"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "serve.sh: not running"
+
+
+# ----- the container's entry script and health check, run outside a container -----
+
+ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
+HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.sh"
+
+
+def test_the_image_entry_script_serves_and_drains_on_sigterm(tmp_path, tiny_archive):
+    """What `docker run` and the pod run: pack the archive from a checkpoint with a model config (the
+    ConfigMap's role), serve in the foreground, report health, and on SIGTERM drain before stopping."""
+    ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), _free_ports(5)))
+    container = (ROOT / "deploy" / "docker" / "container.properties").read_text()
+    overrides = re.sub(r"http://[\d.]+:(\d+)", lambda m: {"8080": f"http://127.0.0.1:{ports['inference']}",
+                       "8081": f"http://127.0.0.1:{ports['management']}",
+                       "8082": f"http://127.0.0.1:{ports['metrics']}"}[m[1]], container)  # loopback only, here
+    overrides += f"grpc_inference_port={ports['grpc_inference']}\ngrpc_management_port={ports['grpc_management']}\n"
+    (tmp_path / "overrides.properties").write_text(overrides)
+    model = tiny_archive.parent.parent  # ckpt.pt, tokenizer.json, model-config.yaml of the tiny archive
+    run_dir, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, JAI_DIR=str(run_dir), TMPDIR=str(tmp), JAI_CONFIG_OVERRIDES=str(tmp_path / "overrides.properties"),
+               JAI_CHECKPOINT=str(model / "ckpt.pt"), JAI_TOKENIZER=str(model / "tokenizer.json"),
+               JAI_MODEL_CONFIG=str(model / "model-config.yaml"), JAI_DRAIN_TIMEOUT="100")
+    url = f"http://127.0.0.1:{ports['inference']}"
+
+    def health(*args):
+        return subprocess.run([str(HEALTHCHECK), *args], env=env, capture_output=True, text=True, timeout=30)
+
+    with open(tmp_path / "entrypoint.log", "w") as log:
+        entry = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: entry.poll() is not None or health().returncode == 0, 180, "a healthy server")
+        assert entry.poll() is None, (tmp_path / "entrypoint.log").read_text()[-3000:]
+        assert health().stdout.strip() == "healthy" and health("--ready").returncode == 0
+        config = properties((run_dir / "config.properties").read_text())  # the repo's, then the overrides
+        assert config["disable_token_authorization"] == "true" and not (run_dir / "key_file.json").exists()
+        answer = requests.post(f"{url}/predictions/jai", json={"prompt": "서울", "max_tokens": 3}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3  # no token needed
+        response, lines = long_stream(url)
+        entry.send_signal(signal.SIGTERM)  # docker stop; the kubelet after the preStop
+        ready = wait_for(lambda: (r := health("--ready")).returncode != 0 and r, 30, "readiness to fail")
+        assert ready.stdout.strip() == "draining" and health().returncode == 0  # alive, just not ready
+        refused = requests.post(f"{url}/predictions/jai", json={"prompt": "부산"}, timeout=120)
+        assert refused.status_code == 503 and refused.json()["type"] == "Draining"
+        assert finish(lines)["usage"]["completion_tokens"] == LONG
+        assert entry.wait(timeout=150) == 0, (tmp_path / "entrypoint.log").read_text()[-3000:]
+        assert "serve.sh: drained" in (tmp_path / "entrypoint.log").read_text()
+        unhealthy = health()
+        assert unhealthy.returncode == 1 and unhealthy.stdout.startswith("unhealthy")
+    finally:
+        if entry.poll() is None:
+            entry.send_signal(signal.SIGTERM)
+            entry.wait(timeout=150)
+
+
+def properties(text: str) -> dict:
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
 # ----- two instances behind HAProxy -----
