@@ -79,7 +79,7 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(overlay,
 
 def test_the_base_renders_what_the_readme_lists(base):
     section = (ROOT / "README.md").read_text().split("## Scaling out", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"^\| `(\w+)` \| `([\w-]+)` \|", section, re.M))
+    listed = set(re.findall(r"^\| `(\w+)` \| `([\w<>-]+)` \|", section, re.M))
     rendered = {(kind, re.sub(r"-[a-z0-9]{10}$", "-<hash>", name)) for kind, name in base}
     assert listed == rendered
 
