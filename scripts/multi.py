@@ -242,7 +242,8 @@ def stop_balancer(layout: Layout, timeout: float):
 
 def start(args):
     layout = Layout(args.dir)
-    if haproxy_pid(layout) is not None:
+    running = [i for i in layout.instances if serve(layout, i, "status").returncode == 0]
+    if haproxy_pid(layout) is not None or running:
         raise SystemExit(f"multi.py: already running in {layout.folder} (multi.py stop first)")
     archive = Path(args.archive).resolve()
     if not archive.is_file():
