@@ -252,3 +252,26 @@ def test_the_systemd_unit_drains_before_its_stop_and_waits_long_enough():
     assert unit["ExecStop"] == [f"{home}/scripts/serve.sh drain"]  # then systemd's SIGTERM stops torchserve
     drain = int(dict(v.split("=", 1) for v in unit["Environment"])["JAI_DRAIN_TIMEOUT"])
     assert int(unit["TimeoutStopSec"][0]) > drain
+
+
+# ----- scripts/multi.py: an instance's config.properties -----
+
+
+def test_an_instance_config_moves_every_port_turns_token_auth_off_and_keeps_agent_paths_working():
+    from scripts.multi import PORT_KEYS, instance_config
+
+    base = (ROOT / "config.properties").read_text()
+    base = base.replace("vmargs=", "vmargs=-javaagent:torchserve-patch/build/agent.jar=debug ", 1)
+    ports = dict(zip(PORT_KEYS, range(20001, 20006)))
+    config = properties(instance_config(base, ports))
+    assert config["inference_address"] == "http://127.0.0.1:20001"
+    assert config["management_address"] == "http://127.0.0.1:20002"
+    assert config["metrics_address"] == "http://127.0.0.1:20003"
+    assert (config["grpc_inference_port"], config["grpc_management_port"]) == ("20004", "20005")
+    assert config["disable_token_authorization"] == "true"  # HAProxy authenticates (deploy/haproxy)
+    assert config["vmargs"].startswith(f"-javaagent:{ROOT}/torchserve-patch/build/agent.jar=debug ")
+    unchanged = properties(base)
+    for key in set(unchanged) - {"inference_address", "management_address", "metrics_address",
+                                 "grpc_inference_port", "grpc_management_port", "disable_token_authorization",
+                                 "vmargs"}:
+        assert config[key] == unchanged[key], key
