@@ -27,6 +27,7 @@ import requests
 import torch
 
 from conftest import TINY
+from scripts.multi import absolute_paths
 from ts_launcher import BIN, ROOT, _free_ports, archive
 
 pytestmark = pytest.mark.e2e
@@ -94,6 +95,7 @@ def test_serve_sh_stop_drains_running_requests_and_refuses_new_ones(tmp_path, ti
     config = (ROOT / "config.properties").read_text()
     config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m[1]]}", config)
     config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m[1]}={ports[m[2]]}", config, flags=re.M)
+    config = re.sub(r"^vmargs=(.*)$", lambda m: "vmargs=" + absolute_paths(m[1]), config, flags=re.M)  # agent jars
     (tmp_path / "config.properties").write_text(config)
     shutil.copy(ROOT / "metrics.yaml", tmp_path / "metrics.yaml")
     (tmp_path / "model_store").mkdir()
