@@ -354,10 +354,12 @@ def test_a_killed_instance_fails_only_its_running_requests_and_comes_back(cluste
     with Load(cluster) as load:
         load.wait_until(lambda: len(load.done(instance="jai1")) >= 10 and len(load.done(instance="jai2")) >= 10,
                         "traffic on both instances")
-        killed_at = time.monotonic()
         for pid in (frontend, *workers):  # the whole instance dies at once, as with a lost machine
             os.kill(pid, signal.SIGKILL)
-        load.wait_until(lambda: len(load.done(since=killed_at + 0.001)) >= 48, "48 requests after the kill")
+        # from when its port refuses connections, no request can reach it any more
+        wait_for(lambda: refused(cluster.instance_url(1)), 30, "instance 1's port to refuse connections")
+        killed_at = time.monotonic()
+        load.wait_until(lambda: len(load.done(since=killed_at)) >= 48, "48 requests after the kill")
         wait_for(lambda: cluster.servers().get("1") == "DOWN", 30, "HAProxy to mark instance 1 down")
         restarting_at = time.monotonic()
         cluster.multi("start-instance", "1")  # same ports; returns once HAProxy sees it healthy
@@ -371,6 +373,14 @@ def test_a_killed_instance_fails_only_its_running_requests_and_comes_back(cluste
     assert after and all(r.status == 200 for r in after)
     assert {r.instance for r in after if r.ended < restarting_at} == {"jai2"}  # the survivor took everything
     assert len(load.done(since=back_at, instance="jai2")) > 0  # and both share the load again
+
+
+def refused(url: str) -> bool:
+    try:
+        requests.get(f"{url}/ping", timeout=5)
+    except requests.ConnectionError:
+        return True
+    return False
 
 
 def test_a_rolling_restart_of_an_instance_loses_no_request(cluster):
