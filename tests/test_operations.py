@@ -141,6 +141,7 @@ def test_a_killed_worker_is_replaced_and_requests_succeed_again(ts_server):
 # ----- a second server: one request at a time, a two-request job queue, prompts logged -----
 
 SMALL_CONFIG = """\
+continuousBatching: true
 minWorkers: 1
 maxWorkers: 1
 batchSize: 1
