@@ -1,11 +1,15 @@
 """TorchServe handler for JAI: a thin adapter between TorchServe's batches and ``jaiserve.Engine``.
 
-With ``continuousBatching: true`` every ``handle()`` call is ONE engine step over
-the requests TorchServe currently holds: new requests arrive with a body and are admitted, running
-ones arrive again without a body, and a request missing from the batch has disconnected. Each
-request's reply says whether it continues (``context.stopping_criteria``). With TorchServe's default
-batcher (our configuration, see model-config.yaml for why) the same handler runs its batch to
-completion in the engine and streams with intermediate responses.
+With ``continuousBatching: true`` (our configuration) every ``handle()`` call runs engine steps over the
+requests TorchServe currently holds: new requests arrive with a body and are admitted, running ones
+arrive again without a body, and a request missing from the batch has disconnected. One call runs
+several steps, streaming each step's lines as intermediate responses, and returns to TorchServe when
+its time budget (``handler.step_budget_ms``) is spent or a request finishes, so waiting requests join
+within the budget and a finished request's answer and slot are not held back (the idea of vLLM's
+multi-step scheduling: one frontend round trip per budget, not per token). Each request's last reply
+says whether it continues (``context.stopping_criteria``). Intermediate responses inside one call need
+our frontend patch (torchserve-patch/): TorchServe 0.12.0 ends the call at the first message. With
+TorchServe's default batcher the same loop runs its batch to completion.
 
 Never raise out of ``handle()``: TorchServe would fail every request of the batch. Bad input is a
 400 for that request alone; an engine failure is a 500 for the requests it touched.
@@ -34,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+INTERMEDIATE = "Intermediate"  # the message torchserve-patch/ recognises as "more replies follow"
 
 
 class JAIHandler(BaseHandler):
@@ -45,7 +50,7 @@ class JAIHandler(BaseHandler):
         request: GenerationRequest
         started: float
         prompt_tokens: int = 0
-        steps: int = 0  # handle() calls that carried this request
+        chunked: bool = False  # a chunk went out: TorchServe answers it as a chunked response
         generated: int = 0  # tokens generated so far
         first_token_at: float | None = None
         last_token_at: float | None = None
@@ -119,10 +124,7 @@ class JAIHandler(BaseHandler):
         try:
             self.preprocess(data, context, replies)
             self._report_active()
-            if not self.continuous:
-                return self._run_to_completion(context, replies)
-            outputs = self.inference()
-            return self.postprocess(outputs, context, replies)
+            return self.postprocess(self.inference(context, replies), context, replies)
         except Exception:  # never let one failure fail the batch through TorchServe
             logger.exception("engine step failed; answering 500 to the requests of this batch")
             return self._fail_all(context)
@@ -151,27 +153,56 @@ class JAIHandler(BaseHandler):
             else:
                 self.running[request_id] = self.Running(request, time.perf_counter(), len(prompt_ids))
 
-    def inference(self):
-        return {out.request_id: out for out in self.engine.step()}
+    def inference(self, context, replies) -> dict[int, tuple]:
+        """Step the engine for this batch; return ``{idx: (state, last output or None)}``.
 
-    def postprocess(self, outputs, context, replies):
-        """One reply per request of the batch: a stream line, an empty chunk, or the final body."""
+        Continuous batching: until the step budget is spent or a request finishes. Default batcher:
+        until every request of the batch has finished. Lines of every step but the last go out as
+        intermediate responses; the last step's go out with ``handle()``'s return.
+        """
+        ids = context.request_ids
+        batch = {idx: self.running[ids[idx]] for idx in range(len(ids)) if idx not in replies}
+        for idx, state in batch.items():  # before any chunk: a response's headers are fixed by its first
+            context.set_response_content_type(idx, NDJSON if state.request.stream else JSON)
+        done = {}  # idx -> the output that finished it
+        deadline = time.perf_counter() + self.settings.step_budget_ms / 1000
+        produced = 0
+        while len(done) < len(batch):
+            outputs = {out.request_id: out for out in self.engine.step()}
+            if not outputs:
+                raise RuntimeError("the engine holds this batch's requests but produced nothing")
+            for idx, state in batch.items():
+                out = outputs.get(ids[idx])
+                if idx not in done and out is not None:
+                    produced += len(out.token_ids)
+                    if self._absorb(ids[idx], state, out):
+                        done[idx] = out
+            if self.continuous and (done or time.perf_counter() >= deadline):
+                break
+            if len(done) < len(batch):
+                self._send_lines(context, {i: s for i, s in batch.items() if i not in done})
+        self._counter("jai_generated_tokens_total", produced)  # as produced: rate() stays smooth
+        return {idx: (state, done.get(idx)) for idx, state in batch.items()}
+
+    def postprocess(self, results, context, replies):
+        """One reply per request of the batch: a refusal, a stream line (or empty chunk), or the final body."""
         criteria, responses = [], []
         for idx in range(len(context.request_ids)):
-            request_id = context.request_ids[idx]
             if idx in replies:  # refused at admission: a complete 400 response
                 responses.append(self._refuse(context, idx, *replies[idx]))
                 criteria.append(None)
                 continue
-            state = self.running[request_id]
-            state.steps += 1
-            out = outputs.get(request_id)
-            finished = self._absorb(request_id, state, out)
-            context.set_response_content_type(idx, NDJSON if state.request.stream else JSON)
-            responses.append(self._reply(state, out, finished))
-            # finished on its first step: a plain complete response; otherwise end or continue the chunked one
-            criteria.append(None if finished and state.steps == 1 else finished)
-        context.stopping_criteria = [lambda _, done=done: done for done in criteria]
+            state, out = results[idx]
+            if out is not None:
+                responses.append(self._final(state, out))
+                # never chunked before: a plain complete response; otherwise the end of the chunked one
+                criteria.append(True if state.chunked else None)
+            else:
+                responses.append(self._line(state))
+                criteria.append(False)
+                state.chunked = True
+        if self.continuous:  # the default batcher ends every request of the batch here
+            context.stopping_criteria = [lambda _, done=done: done for done in criteria]
         return responses
 
     # ----- helpers -----
@@ -194,49 +225,33 @@ class JAIHandler(BaseHandler):
             self._finished(request_id, state, out.finish_reason, out.prompt_tokens, out.completion_tokens)
         return out.finished
 
-    def _reply(self, state: JAIHandler.Running, out, finished: bool) -> str:
+    def _final(self, state: JAIHandler.Running, out) -> str:
         request = state.request
-        if finished:
-            body = completion_body(
-                request, "".join(state.pieces), out.finish_reason, out.prompt_tokens, out.completion_tokens
-            )
-            if not request.stream:
-                return _json(body)
-            return _json({"text": state.unsent_text, "token_ids": state.unsent_ids, **body}) + "\n"
-        if not request.stream or not state.unsent_text:
-            return ""  # nothing to show yet (a split character, or a non-streamed request)
+        body = completion_body(
+            request, "".join(state.pieces), out.finish_reason, out.prompt_tokens, out.completion_tokens
+        )
+        if not request.stream:
+            return _json(body)
+        return _json({"text": state.unsent_text, "token_ids": state.unsent_ids, **body}) + "\n"
+
+    def _line(self, state: JAIHandler.Running) -> str:
+        """The stream line of the text completed since the last one ("" while a character is split,
+        and always for a request that is not streamed)."""
+        if not state.request.stream or not state.unsent_text:
+            return ""
         line = _json({"text": state.unsent_text, "token_ids": state.unsent_ids}) + "\n"
         state.unsent_text, state.unsent_ids = "", []
         return line
 
-    def _run_to_completion(self, context, replies):
-        """Default batcher: step until this batch is done, streaming lines as intermediate responses."""
-        ids = context.request_ids
-        for idx in range(len(ids)):
-            if idx not in replies:
-                stream = self.running[ids[idx]].request.stream
-                context.set_response_content_type(idx, NDJSON if stream else JSON)
-        while any(ids[i] in self.running for i in range(len(ids)) if i not in replies):
-            outputs = self.inference()
-            chunks = {}
-            for idx in range(len(ids)):
-                state = self.running.get(ids[idx])
-                if idx in replies or state is None:
-                    continue
-                state.steps += 1
-                out = outputs.get(ids[idx])
-                if self._absorb(ids[idx], state, out):
-                    replies[idx] = (200, self._reply(state, out, True))
-                elif state.request.stream and (line := self._reply(state, None, False)):
-                    chunks[idx] = line
-            if chunks:
-                send_intermediate_predict_response(
-                    chunks, {i: ids[i] for i in chunks}, "Intermediate", 200, context
-                )
-        return [
-            body if code == 200 else self._refuse(context, idx, code, body)
-            for idx, (code, body) in sorted(replies.items())
-        ]
+    def _send_lines(self, context, batch: dict[int, JAIHandler.Running]):
+        """Stream lines now, as one intermediate response for the requests that have one."""
+        chunks = {idx: line for idx, state in batch.items() if (line := self._line(state))}
+        if chunks:
+            send_intermediate_predict_response(
+                chunks, {idx: context.request_ids[idx] for idx in chunks}, INTERMEDIATE, 200, context
+            )
+            for idx in chunks:
+                batch[idx].chunked = True
 
     @staticmethod
     def _refuse(context, idx, code, body) -> str:
@@ -250,7 +265,7 @@ class JAIHandler(BaseHandler):
         for idx in range(len(context.request_ids)):
             state = self.running.get(context.request_ids[idx])
             # a request already answered in chunks ends its stream; a new one gets a complete response
-            criteria.append(True if state is not None and state.steps > 0 else None)
+            criteria.append(True if state is not None and state.chunked else None)
             context.set_response_status(500, "Internal Server Error", idx)
             context.set_response_content_type(idx, JSON)
         for request_id, state in self.running.items():
@@ -265,8 +280,7 @@ class JAIHandler(BaseHandler):
     def _finished(self, request_id, state: JAIHandler.Running, finish_reason, prompt_tokens, completion_tokens):
         """A request left the engine (stop, length, aborted or error): its log line and its metrics."""
         self._log(request_id, state, finish_reason, prompt_tokens, completion_tokens)
-        self._counter("jai_prompt_tokens_total", prompt_tokens)
-        self._counter("jai_generated_tokens_total", completion_tokens)
+        self._counter("jai_prompt_tokens_total", prompt_tokens)  # generated ones are counted as produced
         self._counter("jai_requests_finished_total", 1, FinishReason=finish_reason)
         if state.generated >= 2:
             between = (state.last_token_at - state.first_token_at) / (state.generated - 1)

@@ -13,7 +13,12 @@ from jaiserve.api import CHAT_TEMPLATE
 YAML = {
     "continuousBatching": True,
     "batchSize": 4,
-    "handler": {"n_head": 2, "threads": 1, "defaults": {"max_tokens": 12, "temperature": 0.8, "top_k": 50}},
+    "handler": {
+        "n_head": 2,
+        "threads": 1,
+        "step_budget_ms": 0,  # one engine step per handle() call, unless a test sets a budget
+        "defaults": {"max_tokens": 12, "temperature": 0.8, "top_k": 50},
+    },
 }
 
 
@@ -32,19 +37,33 @@ def make_handler(model_dir, **yaml_changes):
     return handler, context
 
 
-def call(handler, context, batch):
-    """One handle() call. ``batch`` is [(request_id, body or None for a running request)]."""
+def call(handler, context, batch, monkeypatch=None):
+    """One handle() call. ``batch`` is [(request_id, body or None for a running request)].
+
+    Each reply has the intermediate responses sent during the call (``chunks``), then the returned one.
+    """
     context.request_ids = {i: rid for i, (rid, _) in enumerate(batch)}
     context.request_processor = [RequestProcessor({}) for _ in batch]
     context.stopping_criteria = None
     data = [body if isinstance(body, Form) else {"body": body} if body is not None else {} for _, body in batch]
-    responses = handler.handle(data, context)
+    sent = []
+
+    def record(ret, req_id_map, message, code, ctx):
+        assert message == jai_handler.INTERMEDIATE and code == 200 and set(ret) == set(req_id_map)
+        sent.append({req_id_map[idx]: ret[idx] for idx in ret})
+
+    original, jai_handler.send_intermediate_predict_response = jai_handler.send_intermediate_predict_response, record
+    try:
+        responses = handler.handle(data, context)
+    finally:
+        jai_handler.send_intermediate_predict_response = original
     assert len(responses) == len(batch)
     replies = {}
     for i, (rid, _) in enumerate(batch):
         done = context.stopping_criteria[i](responses[i]) if context.stopping_criteria else None
         replies[rid] = dict(
             body=responses[i],
+            chunks=[message[rid] for message in sent if rid in message],
             status=context.get_response_status(i)[0],
             content_type=context.get_response_content_type(i),
             done=done,
@@ -181,24 +200,58 @@ def test_engine_failure_is_a_500_and_the_next_request_works(model_dir, monkeypat
     assert json.loads(log["y"][-1]["body"])["usage"]["completion_tokens"] == 2
 
 
-def test_default_batcher_runs_the_batch_to_completion_and_streams(model_dir, monkeypatch):
+def test_default_batcher_runs_the_batch_to_completion_and_streams(model_dir):
     h, context = make_handler(model_dir, continuousBatching=False)
-    chunks = []
-    monkeypatch.setattr(
-        jai_handler, "send_intermediate_predict_response",
-        lambda ret, ids, msg, code, ctx: chunks.append(dict(ret)),
-    )
     replies = call(h, context, [
         ("s", {"prompt": "서울", "stream": True, "max_tokens": 8, "seed": 1}),
         ("j", {"prompt": "판교", "max_tokens": 4, "temperature": 0}),
         ("b", {"prompt": ""}),
     ])
-    assert replies["b"]["status"] == 400
-    assert json.loads(replies["j"]["body"])["usage"]["completion_tokens"] == 4
-    streamed = [json.loads(line) for c in chunks for line in c.get(0, "").splitlines()]
+    assert replies["b"]["status"] == 400 and not replies["b"]["chunks"]
+    assert json.loads(replies["j"]["body"])["usage"]["completion_tokens"] == 4 and not replies["j"]["chunks"]
+    streamed = [json.loads(line) for c in replies["s"]["chunks"] for line in c.splitlines()]
     final = json.loads(replies["s"]["body"])
-    assert len(streamed) >= 2 and all(1 not in c and 2 not in c for c in chunks)
+    assert len(streamed) >= 2 and context.stopping_criteria is None
     assert "".join(s["text"] for s in streamed) + final["text"] == final["generated"]
+
+
+def multi_step_handler(model_dir):
+    return make_handler(model_dir, handler={**YAML["handler"], "step_budget_ms": 60_000})
+
+
+def test_a_call_streams_several_steps_and_returns_when_a_request_finishes(model_dir):
+    h, context = multi_step_handler(model_dir)
+    replies = call(h, context, [
+        ("long", {"prompt": "서울", "stream": True, "max_tokens": 30, "temperature": 0}),
+        ("short", {"prompt": "판교", "max_tokens": 6, "temperature": 0}),
+    ])
+    short, long = replies["short"], replies["long"]
+    # "short" finished on the call's 6th step: the call returns then, with its complete (never chunked) body
+    assert short["done"] is None and not short["chunks"]
+    assert json.loads(short["body"])["usage"]["completion_tokens"] == 6
+    # "long" streamed the lines of steps 1-5 as intermediate responses and continues
+    assert long["done"] is False and 1 <= len(long["chunks"]) <= 5
+    lines = [json.loads(line) for body in long["chunks"] + [long["body"]] for line in body.splitlines()]
+    assert sum(len(line["token_ids"]) for line in lines) <= 6
+    log = drive(h, context, [("long", None)])
+    rest = [json.loads(line) for r in log["long"] for body in r["chunks"] + [r["body"]] for line in body.splitlines()]
+    assert len(log["long"]) == 1 and log["long"][-1]["done"] is True  # once chunked, the stream is ended
+    final = rest[-1]
+    assert final["usage"]["completion_tokens"] == 30
+    assert "".join(line["text"] for line in lines + rest) == final["generated"]
+    expected = h.engine.generate([h.engine.encode("서울")], [SamplingParams(max_tokens=30, temperature=0)])[0]
+    assert final["generated"] == expected.text
+
+
+def test_the_step_budget_bounds_a_call(model_dir, monkeypatch):
+    h, context = make_handler(model_dir, handler={**YAML["handler"], "step_budget_ms": 5})
+    clock = iter(range(0, 10_000, 2))  # each perf_counter() call: +2 ms
+    monkeypatch.setattr(jai_handler.time, "perf_counter", lambda: next(clock) / 1000)
+    replies = call(h, context, [("r", {"prompt": "부산", "stream": True, "max_tokens": 50, "temperature": 0})])
+    assert replies["r"]["done"] is False and h.running["r"].generated < 50  # back to TorchServe early
+    monkeypatch.undo()
+    drive(h, context, [("r", None)])
+    assert not h.running
 
 
 def test_unknown_handler_setting_is_refused(model_dir):

@@ -15,6 +15,7 @@ class Settings:
     device: str = "auto"  # auto = TorchServe's GPU when it gives one, else cpu
     dtype: str = "float32"  # or bfloat16, or int8 (Linear layers dynamically quantized, CPU only)
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
+    step_budget_ms: float = 25  # continuous batching: engine steps per handle() call, then back to TorchServe
     max_prefill_tokens: int = 512  # prompt tokens admitted per step: bounds a step's stall
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 2048  # longest prompt, in tokens
