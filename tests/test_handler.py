@@ -323,7 +323,7 @@ def test_openai_chat_streams_server_sent_events_with_the_default_batcher(model_d
         ("native", {"prompt": "판교 백엔드?", "mode": "chat", "max_tokens": 6, "temperature": 0}),
     ])
     stream = replies["s"]
-    assert stream["content_type"] == "text/event-stream" and stream["body"].endswith("data: [DONE]\n\n")
+    assert stream["content_type"] == "text/event-stream; charset=utf-8" and stream["body"].endswith("data: [DONE]\n\n")
     events = [json.loads(e) for c in stream["chunks"] + [stream["body"]] for e in sse(c) if e != "[DONE]"]
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
     plain = json.loads(replies["p"]["body"])

@@ -257,7 +257,7 @@ def test_chat_stream_opens_with_the_role_and_joins_to_the_plain_answer(engine):
 def test_completion_stream_without_usage_option_has_no_usage_field(engine):
     exchange = parse("v1/completions", {"model": "jai", "prompt": "제주", "max_tokens": 5, "stream": True,
                                         "echo": True})
-    assert exchange.content_type == "text/event-stream"
+    assert exchange.content_type == "text/event-stream; charset=utf-8"
     chunks, final = run(exchange, engine)
     received = [e for c in chunks for e in events(c)] + events(final)
     assert received[-1] == "[DONE]" and final.endswith(DONE)

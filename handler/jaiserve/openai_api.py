@@ -29,7 +29,7 @@ from .api import (
     sampling_params,
 )
 
-SSE = "text/event-stream"
+SSE = "text/event-stream; charset=utf-8"  # SSE is UTF-8 by definition; said so for generic HTTP clients
 DONE = "data: [DONE]\n\n"
 SEED_RANGE = 2**63  # SamplingParams' seed range: choice j of a prompt uses (seed + j) mod this
 
