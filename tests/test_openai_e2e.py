@@ -101,6 +101,13 @@ def test_bad_values_raise_bad_request_naming_the_field(client, ts_server):
     unknown = requests.post(f"{ts_server.inference}/predictions/jai/1.0/v1/embeddings", json={"input": "a"},
                             headers=ts_server.headers(), timeout=30)
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "invalid_request_error"
+    # TorchServe does not tell the handler the method: a GET of completions is an empty body
+    get = requests.get(f"{ts_server.inference}/predictions/jai/1.0/v1/completions", headers=ts_server.headers(),
+                       timeout=30)
+    assert get.status_code == 400 and get.json()["error"]["param"] == "body"
+    wrong_version = requests.get(f"{ts_server.inference}/predictions/jai/2.0/v1/models", headers=ts_server.headers(),
+                                 timeout=30)
+    assert wrong_version.status_code == 404  # TorchServe's own: the version must be the archive's
 
 
 def test_a_stream_read_line_by_line_arrives_spread_over_time(ts_server):
