@@ -5,14 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: serve test setup java prometheus nginx demo archive start stop status bench clean
+.PHONY: serve test setup java torchserve-patch prometheus nginx demo archive start stop status bench clean
 
 serve: setup demo archive start
 
 test: setup prometheus nginx
 	$(PY) -m pytest
 
-setup: $(VENV)/.installed java
+setup: $(VENV)/.installed java torchserve-patch
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ needed, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -23,6 +23,10 @@ $(VENV)/.installed: requirements.txt
 
 java:
 	scripts/ensure_java.sh
+
+# The Java agent config.properties loads into TorchServe (README, Batching); rebuilt only when stale.
+torchserve-patch: java
+	torchserve-patch/build.sh
 
 # tests/test_operations.py runs a real Prometheus against torchserve: Debian's package, when we may install it
 prometheus:
