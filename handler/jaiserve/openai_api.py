@@ -147,6 +147,8 @@ def _check_fields(body: dict, known: tuple[str, ...], unsupported: tuple[str, ..
                 )
         elif name not in known:
             raise InvalidRequest(name, "is not a known parameter", code="unknown_parameter")
+    if not isinstance(body.get("user", ""), str):  # an end-user id for the caller's own tracking; not used
+        raise InvalidRequest("user", f"must be a string, got {body['user']!r}")
 
 
 def _check_model(name, model: ServedModel) -> None:
@@ -226,8 +228,6 @@ def _fan_out(body: dict, prompts: list[str], n: int, defaults: Defaults, stop: t
     user_stop = (user_stop,) if isinstance(user_stop, str) else user_stop
     if not isinstance(user_stop, (list, tuple)):
         raise InvalidRequest("stop", f"must be a string or a list of strings, got {user_stop!r}")
-    if not isinstance(body.get("user", ""), str):
-        raise InvalidRequest("user", f"must be a string, got {body['user']!r}")
     seed = body.get("seed")
     requests = []
     for prompt in prompts:
