@@ -308,7 +308,8 @@ def test_openai_n_fans_out_into_the_same_batch_and_joins_in_one_answer(handler):
     assert log["n3"][-1]["content_type"] == "application/json" and not h.running and not h.calls
     engine = h.engine
     for j, choice in enumerate(answer["choices"]):
-        [alone] = engine.generate([engine.encode("서울 채용")], [SamplingParams(max_tokens=5, temperature=1.0, seed=7 + j)])
+        params = SamplingParams(max_tokens=5, temperature=1.0, seed=7 + j)
+        [alone] = engine.generate([engine.encode("서울 채용")], [params])
         assert choice["index"] == j and choice["text"] == alone.text
     assert answer["usage"] == {"prompt_tokens": len(engine.encode("서울 채용")), "completion_tokens": 15,
                                "total_tokens": len(engine.encode("서울 채용")) + 15}
@@ -316,7 +317,8 @@ def test_openai_n_fans_out_into_the_same_batch_and_joins_in_one_answer(handler):
 
 def test_openai_chat_streams_server_sent_events_with_the_default_batcher(model_dir):
     h, context = make_handler(model_dir, continuousBatching=False)
-    body = {"model": "jai", "messages": [{"role": "user", "content": "판교 백엔드?"}], "max_tokens": 6, "temperature": 0}
+    body = {"model": "jai", "messages": [{"role": "user", "content": "판교 백엔드?"}], "max_tokens": 6,
+            "temperature": 0}
     replies = call(h, context, [
         ("s", At("v1/chat/completions", {**body, "stream": True})),
         ("p", At("v1/chat/completions", body)),

@@ -85,7 +85,7 @@ def test_n_seed_and_stop(client):
     assert client.completions.create(**{**body, "seed": 12}).choices[0].text == texts[1]
     plain = client.completions.create(model="jai", prompt="부산 데이터 엔지니어", **GREEDY).choices[0].text
     word = plain.split()[2]  # stop before the third word
-    stopped = client.completions.create(model="jai", prompt="부산 데이터 엔지니어", stop=[word], **GREEDY).choices[0]
+    [stopped] = client.completions.create(model="jai", prompt="부산 데이터 엔지니어", stop=[word], **GREEDY).choices
     assert stopped.text == plain[: plain.index(word)] and stopped.finish_reason == "stop"
 
 
@@ -151,7 +151,8 @@ def nginx(ts_server, tmp_path_factory):
     (root / "nginx.conf").write_text(
         f"{user}daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n"
         f"events {{ worker_connections 256; }}\nhttp {{\n  access_log {root}/access.log;\n"
-        + "".join(f"  {kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + "".join(f"  {kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                       "scgi"))
         + f"  include {root}/jai.conf;\n}}\n"
     )
     process = subprocess.Popen([binary, "-p", str(root), "-c", str(root / "nginx.conf")],

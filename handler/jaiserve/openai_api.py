@@ -182,7 +182,8 @@ def _n(body: dict, prompts: int, defaults: Defaults) -> int:
         raise InvalidRequest("n", f"must be >= 1, got {n}")
     if n * prompts > defaults.max_choices:
         raise InvalidRequest(
-            "n", f"asks for {n * prompts} choices ({n} x {prompts} prompts), more than the limit of {defaults.max_choices}"
+            "n", f"asks for {n * prompts} choices ({n} x {prompts} prompts), more than the limit of "
+            f"{defaults.max_choices}"
         )
     return n
 
@@ -375,8 +376,8 @@ class OpenAIExchange(Exchange):
 
     def final(self) -> str:
         if not self.stream:
-            return dumps({**self._head(self.object_name), "choices": [self._choice(i) for i in range(len(self.choices))],
-                          "usage": self.usage()})
+            choices = [self._choice(i) for i in range(len(self.choices))]
+            return dumps({**self._head(self.object_name), "choices": choices, "usage": self.usage()})
         tail = self.chunk()
         if self.include_usage:  # OpenAI's extra last chunk: no choices, the whole call's usage
             tail += event({**self._head(self.chunk_name), "choices": [], "usage": self.usage()})
