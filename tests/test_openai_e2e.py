@@ -85,7 +85,7 @@ def test_n_seed_and_stop(client):
     assert client.completions.create(**{**body, "seed": 12}).choices[0].text == texts[1]
     plain = client.completions.create(model="jai", prompt="부산 데이터 엔지니어", **GREEDY).choices[0].text
     word = plain.split()[2]  # stop before the third word
-    [stopped] = client.completions.create(model="jai", prompt="부산 데이터 엔지니어", stop=[word], **GREEDY).choices
+    [stopped] = client.completions.create(model="jai", prompt="부산 데이터 엔지니어", stop=word, **GREEDY).choices
     assert stopped.text == plain[: plain.index(word)] and stopped.finish_reason == "stop"
 
 
