@@ -5,11 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: serve test setup java torchserve-patch prometheus demo archive start stop status bench clean
+.PHONY: serve test setup java torchserve-patch prometheus nginx demo archive start stop status bench clean
 
 serve: setup demo archive start
 
-test: setup prometheus
+test: setup prometheus nginx
 	$(PY) -m pytest
 
 setup: $(VENV)/.installed java torchserve-patch
@@ -32,6 +32,11 @@ torchserve-patch: java
 prometheus:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
+
+# tests/test_openai_e2e.py runs deploy/nginx/jai.conf in a real nginx: Debian's package, when we may install it
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; }; }
 
 # Never overwrites an existing checkpoints/ckpt.pt (yours, or a demo built earlier).
 demo: $(VENV)/.installed
