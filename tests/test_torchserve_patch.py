@@ -1,9 +1,12 @@
 """The TorchServe patch agent (torchserve-patch/) without a server: it accepts TorchServe 0.12.0's own
 classes and applies its three fixes; the third fix's behaviour on TorchServe's real ContinuousBatching,
-next to the unpatched behaviour; and a JVM whose classes are not the expected ones refuses to start with
-one clear line. tests/test_torchserve_patch_e2e.py shows the fixes through a real torchserve."""
+next to the unpatched behaviour; a JVM whose classes are not the expected ones refuses to start with one
+clear line; serve.sh checks the jar first. tests/test_torchserve_patch_e2e.py shows the fixes through a
+real torchserve."""
 
+import os
 import re
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -189,3 +192,17 @@ def test_the_0_12_0_call_sites_with_a_local_variable_table_are_accepted(agent_ja
     result = java(f"-javaagent:{agent_jar}", "-cp", f"{tmp_path / 'fake'}:{hello}:{FRONTEND}/*", "Hello",
                   cwd=tmp_path)
     assert result.returncode == 0 and result.stdout == "main ran\n", result.stderr
+
+
+def test_serve_script_stops_before_starting_a_jvm_that_cannot_find_the_agent(tmp_path):
+    """The repo's config.properties copied to a deployment folder names the jar relative to the repo."""
+    shutil.copy(ROOT / "config.properties", tmp_path / "config.properties")
+    (tmp_path / "model_store").mkdir()
+    (tmp_path / "model_store" / "jai.mar").touch()
+    result = subprocess.run([str(ROOT / "scripts" / "serve.sh"), "start"], capture_output=True, text=True,
+                            env=dict(os.environ, JAI_DIR=str(tmp_path), TMPDIR=str(tmp_path)), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"serve.sh: torchserve-patch/build/jai-torchserve-patch.jar (vmargs in {tmp_path}/config.properties) "
+        f"is missing: run 'make setup' in {ROOT}\n")
+    assert not (tmp_path / "logs.start.txt").exists()  # torchserve was not run
