@@ -185,6 +185,32 @@ def test_unexpected_torchserve_classes_stop_the_jvm_with_one_line(case, agent_ja
     ]
 
 
+SECOND_LOADER = """import java.net.URL;
+import java.net.URLClassLoader;
+public class SecondLoader {
+    public static void main(String[] args) throws Exception {
+        // a loader of its own (no parent): it defines the Model class found under args[0]
+        ClassLoader loader = new URLClassLoader(new URL[] {new java.io.File(args[0]).toURI().toURL()}, null);
+        Class.forName("org.pytorch.serve.wlm.Model", false, loader);
+        System.out.println("loaded");
+    }
+}"""
+
+
+def test_a_model_class_other_than_the_checked_one_stops_the_jvm_when_it_loads(agent_jar, tmp_path):
+    """premain checked TorchServe's Model; another class by that name, from elsewhere, must not run."""
+    (tmp_path / "SecondLoader.java").write_text(SECOND_LOADER)
+    (tmp_path / "Model.java").write_text(FAKE_MODEL % ("", ""))
+    javac("-d", tmp_path / "main", tmp_path / "SecondLoader.java")
+    javac("-d", tmp_path / "other", tmp_path / "Model.java")
+    result = java(f"-javaagent:{agent_jar}", "-cp", f"{tmp_path / 'main'}:{FRONTEND}/*", "SecondLoader",
+                  tmp_path / "other", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"{NAME}: refusing to run: org.pytorch.serve.wlm.Model loaded from file:{tmp_path / 'other'}/ differs "
+        "from the class checked at start-up")
+
+
 def test_the_0_12_0_call_sites_with_a_local_variable_table_are_accepted(agent_jar, hello, tmp_path):
     """The counterpart of the -g:none case: the same fake Model, compiled with debug information, passes."""
     (tmp_path / "Model.java").write_text(AS_IN_0_12_0)
