@@ -1,9 +1,12 @@
 """The TorchServe patch agent (torchserve-patch/) without a server: it accepts TorchServe 0.12.0's own
 classes and applies its three fixes; the third fix's behaviour on TorchServe's real ContinuousBatching,
-next to the unpatched behaviour; and a JVM whose classes are not the expected ones refuses to start with
-one clear line. tests/test_torchserve_patch_e2e.py shows the fixes through a real torchserve."""
+next to the unpatched behaviour; a JVM whose classes are not the expected ones refuses to start with one
+clear line; serve.sh checks the jar first. tests/test_torchserve_patch_e2e.py shows the fixes through a
+real torchserve."""
 
+import os
 import re
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -182,6 +185,32 @@ def test_unexpected_torchserve_classes_stop_the_jvm_with_one_line(case, agent_ja
     ]
 
 
+SECOND_LOADER = """import java.net.URL;
+import java.net.URLClassLoader;
+public class SecondLoader {
+    public static void main(String[] args) throws Exception {
+        // a loader of its own (no parent): it defines the Model class found under args[0]
+        ClassLoader loader = new URLClassLoader(new URL[] {new java.io.File(args[0]).toURI().toURL()}, null);
+        Class.forName("org.pytorch.serve.wlm.Model", false, loader);
+        System.out.println("loaded");
+    }
+}"""
+
+
+def test_a_model_class_other_than_the_checked_one_stops_the_jvm_when_it_loads(agent_jar, tmp_path):
+    """premain checked TorchServe's Model; another class by that name, from elsewhere, must not run."""
+    (tmp_path / "SecondLoader.java").write_text(SECOND_LOADER)
+    (tmp_path / "Model.java").write_text(FAKE_MODEL % ("", ""))
+    javac("-d", tmp_path / "main", tmp_path / "SecondLoader.java")
+    javac("-d", tmp_path / "other", tmp_path / "Model.java")
+    result = java(f"-javaagent:{agent_jar}", "-cp", f"{tmp_path / 'main'}:{FRONTEND}/*", "SecondLoader",
+                  tmp_path / "other", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"{NAME}: refusing to run: org.pytorch.serve.wlm.Model loaded from file:{tmp_path / 'other'}/ differs "
+        "from the class checked at start-up")
+
+
 def test_the_0_12_0_call_sites_with_a_local_variable_table_are_accepted(agent_jar, hello, tmp_path):
     """The counterpart of the -g:none case: the same fake Model, compiled with debug information, passes."""
     (tmp_path / "Model.java").write_text(AS_IN_0_12_0)
@@ -189,3 +218,17 @@ def test_the_0_12_0_call_sites_with_a_local_variable_table_are_accepted(agent_ja
     result = java(f"-javaagent:{agent_jar}", "-cp", f"{tmp_path / 'fake'}:{hello}:{FRONTEND}/*", "Hello",
                   cwd=tmp_path)
     assert result.returncode == 0 and result.stdout == "main ran\n", result.stderr
+
+
+def test_serve_script_stops_before_starting_a_jvm_that_cannot_find_the_agent(tmp_path):
+    """The repo's config.properties copied to a deployment folder names the jar relative to the repo."""
+    shutil.copy(ROOT / "config.properties", tmp_path / "config.properties")
+    (tmp_path / "model_store").mkdir()
+    (tmp_path / "model_store" / "jai.mar").touch()
+    result = subprocess.run([str(ROOT / "scripts" / "serve.sh"), "start"], capture_output=True, text=True,
+                            env=dict(os.environ, JAI_DIR=str(tmp_path), TMPDIR=str(tmp_path)), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"serve.sh: torchserve-patch/build/jai-torchserve-patch.jar (vmargs in {tmp_path}/config.properties) "
+        f"is missing: run 'make setup' in {ROOT}\n")
+    assert not (tmp_path / "logs.start.txt").exists()  # torchserve was not run

@@ -51,8 +51,9 @@ class Server:
     def ready_workers(self):
         return [w for w in self.describe()["workers"] if w["status"] == "READY"]
 
-    def log(self, name="model_log.log", lines=40) -> str:
-        path = self.root / "logs" / name
+    def log(self, name="logs/model_log.log", lines=40) -> str:
+        """The last lines of a file under the server's folder (its logs/ is not there before log4j starts)."""
+        path = self.root / name
         return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else f"({path} missing)"
 
 
@@ -130,7 +131,7 @@ def running_torchserve(root: Path, start_timeout: float = 180):
                 pass
             if time.monotonic() > deadline or not _alive(root / ".model_server.pid"):
                 raise RuntimeError(
-                    "torchserve did not become ready:\n" + server.log() + "\n" + server.log("../start.log")
+                    "torchserve did not become ready:\n" + server.log() + "\n" + server.log("start.log")
                 )
             time.sleep(0.5)
         yield server

@@ -126,12 +126,17 @@ public final class Agent {
                 // Another copy of the class than the one checked at start-up (a second class path entry):
                 // never run it blind. halt, not exit: we are inside class loading on a server thread.
                 System.err.println(NAME + ": refusing to run: " + patch.className + " loaded from "
-                        + (domain == null ? "?" : domain.getCodeSource()) + " differs from the class checked at start-up");
+                        + location(domain) + " differs from the class checked at start-up");
                 System.err.flush();
                 Runtime.getRuntime().halt(1);
             }
             applied.add(patch.className);
             return patch.patched;
+        }
+
+        private static String location(ProtectionDomain domain) {
+            return domain == null || domain.getCodeSource() == null ? "an unknown place"
+                    : String.valueOf(domain.getCodeSource().getLocation());
         }
     }
 }

@@ -127,7 +127,10 @@ final class Patches {
      * Fix 3: an intermediate message answers each prediction whose job is in the batch (skipping ids no
      * longer there; honouring the client's expiry like the original) and returns false: the worker
      * thread goes on reading this handle() call's replies. No job leaves the batch here: the final
-     * message, handled by the original code, removes finished and disconnected ones.
+     * message, handled by the original code, removes finished and disconnected ones. That code throws on
+     * a prediction whose job is not in the batch (the worker thread then ends and TorchServe restarts the
+     * worker); it is left so: the batch cannot change between a call's request and its final message,
+     * so only a handler answering for a request it was not given reaches it, and that bug should be loud.
      */
     private static void answerIntermediateMessages(CtClass batcher) throws Refusal, CannotCompileException {
         CtMethod send = declared(batcher, "sendResponse", SEND_RESPONSE);
