@@ -133,6 +133,7 @@ class JAIHandler(BaseHandler):
     def handle(self, data, context):
         self.context = context
         if self._is_describe():  # GET /models/jai?customized=true (BaseHandler's convention)
+            context.stopping_criteria = None  # the context outlives calls: a complete answer, not a stream
             return [self.describe_handle()]
         replies = {}
         try:

@@ -8,7 +8,6 @@ handler's next requests get replies meant for another handle() call.
 """
 
 import json
-import re
 import subprocess
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 import requests
 
 from intermediate_handler import expected_lines
-from ts_launcher import BIN, ROOT, archive, running_torchserve
+from ts_launcher import BIN, ROOT, running_torchserve
 
 pytestmark = pytest.mark.e2e
 
@@ -32,21 +31,11 @@ LONG = {"max_tokens": 40, "temperature": 2.0, "top_k": None}
 STALL_S = 20
 
 
-def continuous_config(path):
-    """The shipped model-config.yaml with continuousBatching on."""
-    text, n = re.subn(r"^continuousBatching: \w+$", "continuousBatching: true",
-                      (ROOT / "model-config.yaml").read_text(), flags=re.M)
-    assert n == 1
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def continuous_server(tmp_path_factory, demo_build):
-    root = tmp_path_factory.mktemp("continuous")
-    archive(root, demo_build.checkpoint, demo_build.tokenizer, config_file=continuous_config(root / "config.yaml"))
-    with running_torchserve(root) as server:
-        yield server
+@pytest.fixture
+def continuous_server(ts_server):
+    """The shared server of conftest.py: the shipped configuration, continuous batching on."""
+    assert ts_server.describe(customized=True)["customizedMetadata"]["continuous_batching"] is True
+    return ts_server
 
 
 def stream(server, index, first_line=None):
