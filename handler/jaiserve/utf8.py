@@ -13,7 +13,8 @@ past U+10FFFF (F4 90.., F5..FF) count as broken too.
 Everything about a token is computed once, at load, as a table: from each of the 8 decoder states
 (at a character boundary, or waiting for continuation bytes in a given range), where its bytes lead
 and whether they stay well-formed on the way. Per request the engine keeps one small int (the state
-after its generated tokens); per step one gather of table rows and one masked_fill on the logits.
+after its generated tokens); per step one gather of table rows (0 or -inf per token) and one
+in-place add on the logits.
 
 Beyond the bytes:
 - the request's last token (max_tokens reached) must end at a character boundary, or the final flush
