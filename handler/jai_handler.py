@@ -88,6 +88,7 @@ class JAIHandler(BaseHandler):
             max_batch=int(yaml_config.get("batchSize", 1)),
             limits=Limits(self.settings.max_tokens_limit, self.settings.max_prompt_tokens),
             max_prefill_tokens=self.settings.max_prefill_tokens,
+            utf8_safe_sampling=self.settings.utf8_safe_sampling,
         )
         self.description = {
             "device": str(self.device),
