@@ -19,11 +19,8 @@ class Settings:
     max_prefill_tokens: int = 512  # prompt tokens admitted per step: bounds a step's stall
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 2048  # longest prompt, in tokens
-<<<<<<< HEAD
     max_choices: int = 8  # engine requests one OpenAI call may fan out to (n x prompts)
-=======
     utf8_safe_sampling: bool = True  # sampled tokens never break a UTF-8 character (jaiserve/utf8.py)
->>>>>>> utf8
     log_prompt_chars: int = 0  # characters of the prompt in the request log (0: none, it may be personal)
     defaults: dict = field(default_factory=dict)  # request defaults: max_tokens, temperature, top_k, top_p
 
