@@ -76,6 +76,7 @@ class JAIHandler(BaseHandler):
             max_batch=int(yaml_config.get("batchSize", 1)),
             limits=Limits(self.settings.max_tokens_limit, self.settings.max_prompt_tokens),
             max_prefill_tokens=self.settings.max_prefill_tokens,
+            window_stride=self.settings.window_stride,
         )
         self.description = {
             "device": str(self.device),
