@@ -322,7 +322,9 @@ class Engine:
         positions = torch.tensor([r.cached for r in reqs], device=dev)  # (B,)
         ids = torch.tensor([[r.context[-1]] for r in reqs], device=dev)  # (B, 1)
         kv_len = max(r.cached for r in reqs) + 1
-        mask = torch.arange(kv_len, device=dev)[None, :] <= positions[:, None]  # (B, kv_len)
+        visible = torch.arange(kv_len, device=dev)[None, :] <= positions[:, None]  # (B, kv_len)
+        # additive, made once per step: attention would convert a boolean mask again in every layer
+        mask = torch.zeros(visible.shape, device=dev, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
         write = DecodeWrite(self.cache, positions, kv_len)
         h = self.model.hidden(ids, positions[:, None], mask[:, None, None, :], write)  # (B, 1, C)
         for r in reqs:
