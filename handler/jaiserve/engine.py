@@ -77,7 +77,6 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None
     stop_ids: frozenset[int]
     cached: int = 0  # positions of this request written to its cache row
-    offset: int = 0  # index in ``context`` of the token at cache position 0 (> 0 past the window)
     queued_at: int = 0  # step at which it began waiting for prefill (admission or a re-crop)
     text: str = ""  # generated text, decoded cleanly so far
     emitted: int = 0  # characters of ``text`` already handed out
@@ -106,7 +105,8 @@ class Engine:
         self.limits = limits
         self.max_prefill_tokens = max_prefill_tokens  # bounds how long one step can stall decoding
         block_size = self.config.block_size
-        if isinstance(window_stride, bool) or not isinstance(window_stride, int) or not 1 <= window_stride < block_size:
+        is_int = isinstance(window_stride, int) and not isinstance(window_stride, bool)
+        if not is_int or not 1 <= window_stride < block_size:
             raise ValueError(f"window_stride must be an integer in [1, {block_size - 1}], got {window_stride!r}")
         self.window_stride = window_stride
         # tokens a full context is cropped to: with them in the cache, the next window_stride tokens decode
@@ -298,8 +298,7 @@ class Engine:
         row_of = {id(r): i for i, r in enumerate(self.rows)}
         ids, positions, rows, seg = [], [], [], []
         for n, req in enumerate(reqs):
-            req.offset = self._window_start(req)
-            window = req.context[req.offset :]
+            window = req.context[self._window_start(req) :]  # cache position 0 holds its first token
             ids += window
             positions += range(len(window))
             rows += [row_of[id(req)]] * len(window)
