@@ -89,6 +89,7 @@ class JAIHandler(BaseHandler):
             limits=Limits(self.settings.max_tokens_limit, self.settings.max_prompt_tokens),
             max_prefill_tokens=self.settings.max_prefill_tokens,
             utf8_safe_sampling=self.settings.utf8_safe_sampling,
+            window_stride=self.settings.window_stride,
         )
         self.description = {
             "device": str(self.device),

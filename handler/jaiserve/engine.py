@@ -1,13 +1,22 @@
 """The generation engine: iteration-level scheduling over a preallocated KV cache.
 
-Each ``step()`` produces one token for every running request, in at most three batched forwards:
-- *prefill*: newly admitted prompts, packed end to end into one sequence (no padding), written to
-  their cache rows;
-- *decode*: one token for every cached request, rows 0..B-1 of the cache in one forward;
-- *window*: requests whose context is longer than ``block_size``. The seed crops the context to its
-  last ``block_size`` tokens and runs them at positions 0..block_size-1, so nothing cached survives
-  the shift: these (and only these) recompute their window every step.
-Requests join between steps and leave as soon as they finish; the cache rows of running requests are
+Each ``step()`` produces one token for every running request whose turn it is, in at most two batched
+forwards:
+- *decode*: one token for every request with room in its cache row, rows 0..B-1 in one forward;
+- *prefill*: newly admitted prompts and re-cropped windows, packed end to end into one sequence (no
+  padding), written to their cache rows; at most ``max_prefill_tokens`` a step (always one item), so
+  one step's stall is bounded. The oldest waiting work goes first.
+
+Past the window: the model has ``block_size`` positions. When a request's context outgrows its cache
+row, the seed crops the context to its last ``block_size`` tokens and re-reads them at positions
+0..block_size-1 every step. With ``window_stride`` S the engine keeps the last ``block_size - S + 1``
+tokens instead, prefills them at positions 0.. into the request's row, and decodes the next S tokens
+from the cache before it crops again: one re-prefill per S tokens instead of one per token. S = 1 is
+the seed's behaviour exactly (every token sees the last ``block_size`` tokens). A re-prefill is prefill
+work like a prompt: it waits its turn in the step's prefill budget, so the request past the window pays
+for its window (it skips a step when the budget is spent) and its batch-mates' steps stay bounded.
+
+Requests join between steps and leave as soon as they finish; the cache rows of decoding requests are
 kept contiguous so the decode forward reads a view of the cache, not a gathered copy.
 """
 
@@ -69,6 +78,7 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None
     stop_ids: frozenset[int]
     cached: int = 0  # positions of this request written to its cache row
+    queued_at: int = 0  # step at which it began waiting for prefill (admission or a re-crop)
     text: str = ""  # generated text, decoded cleanly so far
     emitted: int = 0  # characters of ``text`` already handed out
     finish_reason: str | None = None
@@ -89,6 +99,7 @@ class Engine:
         max_prefill_tokens: int = 1024,
         eos_token_id: int | None = None,
         utf8_safe_sampling: bool = True,
+        window_stride: int = 1,
     ):
         self.model = model
         self.config = model.config
@@ -96,6 +107,13 @@ class Engine:
         self.max_batch = max_batch
         self.limits = limits
         self.max_prefill_tokens = max_prefill_tokens  # bounds how long one step can stall decoding
+        block_size = self.config.block_size
+        is_int = isinstance(window_stride, int) and not isinstance(window_stride, bool)
+        if not is_int or not 1 <= window_stride < block_size:
+            raise ValueError(f"window_stride must be an integer in [1, {block_size - 1}], got {window_stride!r}")
+        self.window_stride = window_stride
+        # tokens a full context is cropped to: with them in the cache, the next window_stride tokens decode
+        self.window_keep = block_size - window_stride + 1
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(self.config, max_batch, self.device, self.dtype)
@@ -105,7 +123,8 @@ class Engine:
             self.utf8 = Utf8Mask.for_tokenizer(tokenizer, self.config.vocab_size, self.device)
         self.waiting: deque[_Request] = deque()
         self.rows: list[_Request] = []  # index = KV cache row
-        self.windowed: list[_Request] = []  # context longer than block_size: no cache row
+        self.full: deque[_Request] = deque()  # cache row full: waiting for a re-prefill, oldest first
+        self.steps = 0  # steps run; orders prefill work by how long it has waited
 
     # ----- requests in and out -----
 
@@ -145,6 +164,7 @@ class Engine:
                 generator=generator,
                 detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
                 stop_ids=frozenset(stop_ids),
+                queued_at=self.steps,
             )
         )
 
@@ -154,7 +174,7 @@ class Engine:
             if req.id == request_id:
                 self.waiting.remove(req)
                 return True
-        for req in self.rows + self.windowed:
+        for req in self.rows:
             if req.id == request_id:
                 self._retire([req])
                 return True
@@ -162,28 +182,28 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.rows) + len(self.windowed)
+        return len(self.rows)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.rows or self.windowed)
+        return bool(self.waiting or self.rows)
 
     # ----- one iteration -----
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Generate one token for every running request (admitting waiting ones first)."""
-        decoding = list(self.rows)
-        windowed = list(self.windowed)
-        admitted = self._admit()
-        prefill = [r for r in admitted if len(r.context) <= self.config.block_size]
-        windowed += [r for r in admitted if len(r.context) > self.config.block_size]
-        self.windowed = windowed
+        """Generate one token for every running request whose turn it is (admitting waiting ones first).
 
+        Every request with room in its cache row gets a token; a request whose row is full gets one
+        when its re-prefill fits this step's prefill budget.
+        """
+        decoding = self._decode_rows_first()
+        prefill = self._take_prefill_work()
         requests, logits = [], []
-        for reqs, forward in ((decoding, self._decode), (prefill, self._prefill), (windowed, self._window)):
+        for reqs, forward in ((decoding, self._decode), (prefill, self._prefill)):
             if reqs:
                 logits.append(forward(reqs))
                 requests += reqs
+        self.steps += 1
         if not requests:
             return []
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)
@@ -193,7 +213,7 @@ class Engine:
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests]).tolist()
         outputs = [self._append(req, token) for req, token in zip(requests, tokens)]
         self._retire([r for r in requests if r.finish_reason is not None])
-        self._evict_full_rows()
+        self._queue_full_rows(requests)
         return outputs
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
@@ -220,24 +240,60 @@ class Engine:
 
     # ----- scheduling -----
 
-    def _admit(self) -> list[_Request]:
-        admitted, budget = [], self.max_prefill_tokens
-        while self.waiting and self.running + len(admitted) < self.max_batch:
-            req = self.waiting[0]
-            cost = min(len(req.context), self.config.block_size)
-            if admitted and cost > budget:
-                break  # the rest waits for the next step; one request is always admitted
+    def _decode_rows_first(self) -> list[_Request]:
+        """Move the requests with room in their cache row to rows 0..B-1 and return them.
+
+        A full row's contents are dead (it will be re-prefilled), so only the decoding row moves.
+        """
+        block_size = self.config.block_size
+        decoding = [r for r in self.rows if r.cached < block_size]
+        holes = [i for i in range(len(decoding)) if self.rows[i].cached >= block_size]
+        movers = [j for j in range(len(decoding), len(self.rows)) if self.rows[j].cached < block_size]
+        for hole, mover in zip(holes, movers):
+            self.cache.move_row(mover, hole, self.rows[mover].cached)
+            self.rows[hole], self.rows[mover] = self.rows[mover], self.rows[hole]
+        return self.rows[: len(decoding)]
+
+    def _take_prefill_work(self) -> list[_Request]:
+        """Re-crops of full rows and admissions of waiting requests, oldest first, within the step's
+        prefill budget (the first item always goes, so a step always makes progress)."""
+        taken, budget = [], self.max_prefill_tokens
+        while True:
+            recrop = self.full[0] if self.full else None
+            has_slot = self.waiting and len(self.rows) < self.max_batch
+            admit = self.waiting[0] if has_slot else None
+            if admit is not None and (recrop is None or admit.queued_at <= recrop.queued_at):
+                req, queue = admit, self.waiting
+            elif recrop is not None:
+                req, queue = recrop, self.full
+            else:
+                break
+            cost = len(req.context) - self._window_start(req)
+            if taken and cost > budget:
+                break  # the rest waits for the next step
             budget -= cost
-            admitted.append(self.waiting.popleft())
-        for req in admitted:
-            if len(req.context) <= self.config.block_size:
+            taken.append(queue.popleft())
+            if queue is self.waiting:
                 self.rows.append(req)
-        return admitted
+        return taken
+
+    def _window_start(self, req: _Request) -> int:
+        """Where a prefill of ``req`` starts in its context: 0 while it fits the model's positions,
+        else ``window_keep`` tokens from the end (the seed's crop when window_stride is 1)."""
+        length = len(req.context)
+        return 0 if length <= self.config.block_size else length - self.window_keep
+
+    def _queue_full_rows(self, requests: list[_Request]) -> None:
+        """Running requests whose cache row is now full wait for a re-prefill, from this step on."""
+        for req in requests:
+            if req.finish_reason is None and req.cached == self.config.block_size:
+                req.queued_at = self.steps
+                self.full.append(req)
 
     def _retire(self, finished: list[_Request]) -> None:
         """Free the cache rows of ``finished``, moving the last rows down to keep rows contiguous."""
         gone = set(map(id, finished))
-        self.windowed = [r for r in self.windowed if id(r) not in gone]
+        self.full = deque(r for r in self.full if id(r) not in gone)
         for row in sorted((i for i, r in enumerate(self.rows) if id(r) in gone), reverse=True):
             last = len(self.rows) - 1
             if row != last:
@@ -245,25 +301,18 @@ class Engine:
                 self.rows[row] = self.rows[last]
             self.rows.pop()
 
-    def _evict_full_rows(self) -> None:
-        """A request whose context outgrew block_size leaves the cache for the window path."""
-        full = [r for r in self.rows if len(r.context) > self.config.block_size]
-        if full:
-            self._retire(full)
-            self.windowed += full
-
     # ----- forwards: each returns last-position logits (B, vocab) -----
 
     def _prefill(self, reqs: list[_Request]) -> torch.Tensor:
         row_of = {id(r): i for i, r in enumerate(self.rows)}
         ids, positions, rows, seg = [], [], [], []
         for n, req in enumerate(reqs):
-            length = len(req.context)
-            ids += req.context
-            positions += range(length)
-            rows += [row_of[id(req)]] * length
-            seg += [n] * length
-            req.cached = length
+            window = req.context[self._window_start(req) :]  # cache position 0 holds its first token
+            ids += window
+            positions += range(len(window))
+            rows += [row_of[id(req)]] * len(window)
+            seg += [n] * len(window)
+            req.cached = len(window)
         dev = self.device
         ids_t = torch.tensor([ids], device=dev)
         pos_t = torch.tensor([positions], device=dev)
@@ -272,7 +321,7 @@ class Engine:
         mask = (seg_t[:, None] == seg_t[None, :]) & (pos_t[0][:, None] >= pos_t[0][None, :])
         write = PrefillWrite(self.cache, torch.tensor(rows, device=dev), pos_t[0])
         h = self.model.hidden(ids_t, pos_t, mask, write)  # (1, N, C)
-        last = torch.tensor([len(r.context) for r in reqs], device=dev).cumsum(0) - 1
+        last = torch.tensor([r.cached for r in reqs], device=dev).cumsum(0) - 1
         return self.model.head(h[0, last])
 
     def _decode(self, reqs: list[_Request]) -> torch.Tensor:
@@ -281,18 +330,14 @@ class Engine:
         positions = torch.tensor([r.cached for r in reqs], device=dev)  # (B,)
         ids = torch.tensor([[r.context[-1]] for r in reqs], device=dev)  # (B, 1)
         kv_len = max(r.cached for r in reqs) + 1
-        mask = torch.arange(kv_len, device=dev)[None, :] <= positions[:, None]  # (B, kv_len)
+        visible = torch.arange(kv_len, device=dev)[None, :] <= positions[:, None]  # (B, kv_len)
+        # additive, made once per step: attention would convert a boolean mask again in every layer
+        mask = torch.zeros(visible.shape, device=dev, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
         write = DecodeWrite(self.cache, positions, kv_len)
         h = self.model.hidden(ids, positions[:, None], mask[:, None, None, :], write)  # (B, 1, C)
         for r in reqs:
             r.cached += 1
         return self.model.head(h[:, -1])
-
-    def _window(self, reqs: list[_Request]) -> torch.Tensor:
-        bs = self.config.block_size
-        ids = torch.tensor([r.context[-bs:] for r in reqs], device=self.device)  # (R, bs)
-        positions = torch.arange(bs, device=self.device).unsqueeze(0)
-        return self.model.head(self.model.hidden(ids, positions)[:, -1])
 
     # ----- per-token bookkeeping -----
 

@@ -16,7 +16,8 @@ class Settings:
     dtype: str = "float32"  # or bfloat16, or int8 (Linear layers dynamically quantized, CPU only)
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
     step_budget_ms: float = 25  # continuous batching: engine steps per handle() call, then back to TorchServe
-    max_prefill_tokens: int = 512  # prompt tokens admitted per step: bounds a step's stall
+    max_prefill_tokens: int = 512  # prompt and re-cropped window tokens prefilled per step: bounds a step's stall
+    window_stride: int = 1  # past block_size: re-read the window once per this many tokens (1 = the seed)
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 2048  # longest prompt, in tokens
     max_choices: int = 8  # engine requests one OpenAI call may fan out to (n x prompts)
