@@ -5,14 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: serve test setup java prometheus haproxy demo archive start stop status multi-start multi-stop bench clean
+.PHONY: serve test setup java torchserve-patch prometheus nginx haproxy demo archive start stop status multi-start \
+	multi-stop bench clean
 
 serve: setup demo archive start
 
-test: setup prometheus haproxy
+test: setup prometheus nginx haproxy
 	$(PY) -m pytest
 
-setup: $(VENV)/.installed java
+setup: $(VENV)/.installed java torchserve-patch
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ needed, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -24,10 +25,19 @@ $(VENV)/.installed: requirements.txt
 java:
 	scripts/ensure_java.sh
 
+# The Java agent config.properties loads into TorchServe (README, Batching); rebuilt only when stale.
+torchserve-patch: java
+	torchserve-patch/build.sh
+
 # tests/test_operations.py runs a real Prometheus against torchserve: Debian's package, when we may install it
 prometheus:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
+
+# tests/test_openai_e2e.py runs deploy/nginx/jai.conf in a real nginx: Debian's package, when we may install it
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; }; }
 
 # tests/test_scaleout.py and `make multi-start` put HAProxy in front of two torchserve instances: Debian's
 # package, when we may install it

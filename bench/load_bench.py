@@ -1,9 +1,18 @@
 """Closed-loop load against a real torchserve: N clients, each sending its next request as soon as the
 last one is answered. Reports aggregate tokens/s, time to first token, inter-token latency and request
-latency (p50/p99) per concurrency, for each TorchServe batching mode.
+latency (p50/p99) per concurrency, for each TorchServe batching mode; then a mixed-length run (max_tokens
+drawn from 16..512, clients starting at random times) per mode.
 
     .venv/bin/python bench/load_bench.py [--modes default continuous] [--clients 1 4 16 64]
                                          [--tokens 128] [--requests-per-client 2] [--no-stream]
+                                         [--budgets 25] [--mixed-clients 16] [--plot PNG]
+                                         [--routes native openai]
+
+``--budgets`` runs the continuous batcher once per ``handler.step_budget_ms`` value (ms of engine steps
+per handle() call); the continuous batcher needs the frontend patch (torchserve-patch/, loaded by
+config.properties). ``--routes native openai`` sends the same load through both HTTP views on the same
+server, one after the other at each concurrency: ``POST /predictions/jai`` (NDJSON lines) and
+``POST /predictions/jai/1.0/v1/completions`` (server-sent events, usage in the last chunk).
 
 The model is the seed's full default shape (24000/256/6/6/384) with random weights and a synthetic
 24000-token tokenizer (every token decodes to a few ASCII letters, so every token is one stream line),
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import statistics
 import string
 import sys
@@ -37,8 +47,10 @@ from ts_launcher import archive, running_torchserve  # noqa: E402
 
 MODES = {  # model-config.yaml overrides per TorchServe batcher
     "default": {"continuousBatching": False},
-    "continuous": {"continuousBatching": True, "maxBatchDelay": 1},
+    "continuous": {"continuousBatching": True},
 }
+MIXED_TOKENS = (16, 512)  # the mixed run's max_tokens range
+ROUTES = ("native", "openai")  # the two HTTP views of the same engine (jaiserve/api.py)
 
 
 def make_bench_model(directory: Path) -> tuple[Path, Path]:
@@ -68,35 +80,67 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def client_loop(server, n_requests: int, tokens: int, stream: bool, seed: int, out: list, start_gate):
+def client_loop(server, n_requests: int, tokens, stream: bool, seed: int, out: list, start_gate, delay=0.0,
+                route: str = "native"):
+    """``tokens``: max_tokens of every request, or a (low, high) range to draw each from."""
     session = requests.Session()
     headers = server.headers()
+    draw = random.Random(seed)
     start_gate.wait()
+    time.sleep(delay)  # the mixed run: clients start at random times
     for i in range(n_requests):
-        body = {"prompt": f"bench {seed} {i} hello", "max_tokens": tokens, "temperature": 0.8,
+        max_tokens = draw.randint(*tokens) if isinstance(tokens, tuple) else tokens
+        body = {"prompt": f"bench {seed} {i} hello", "max_tokens": max_tokens, "temperature": 0.8,
                 "seed": seed * 1000 + i, "stream": stream}
+        url = f"{server.inference}/predictions/jai"
+        if route == "openai":
+            url += "/1.0/v1/completions"
+            body["model"] = "jai"
+            if stream:
+                body["stream_options"] = {"include_usage": True}
         sent = time.perf_counter()
-        response = session.post(f"{server.inference}/predictions/jai", json=body, headers=headers,
-                                stream=stream, timeout=600)
+        response = session.post(url, json=body, headers=headers, stream=stream, timeout=600)
+        response.raise_for_status()
         arrivals, generated = [], 0
         if stream:
-            for line in response.iter_lines():
-                if line:
-                    arrivals.append(time.perf_counter())
-                    last = json.loads(line)
-            generated = last["usage"]["completion_tokens"]
+            read = _read_events if route == "openai" else _read_lines
+            generated = read(response, arrivals)
         else:
             arrivals.append(time.perf_counter())
             generated = response.json()["usage"]["completion_tokens"]
-        response.raise_for_status()
         out.append({"sent": sent, "arrivals": arrivals, "tokens": generated})
 
 
-def run_level(server, clients: int, requests_per_client: int, tokens: int, stream: bool) -> dict:
+def _read_lines(response, arrivals: list) -> int:
+    """Native NDJSON: one arrival per line; the last line has the usage."""
+    for line in response.iter_lines():
+        if line:
+            arrivals.append(time.perf_counter())
+            last = json.loads(line)
+    return last["usage"]["completion_tokens"]
+
+
+def _read_events(response, arrivals: list) -> int:
+    """OpenAI server-sent events: one arrival per text chunk; the usage chunk (no choices) comes last."""
+    for line in response.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk["choices"]:
+            arrivals.append(time.perf_counter())
+        elif chunk.get("usage"):
+            usage = chunk["usage"]
+    return usage["completion_tokens"]
+
+
+def run_level(server, clients: int, requests_per_client: int, tokens, stream: bool, spread: float = 0.0,
+              route: str = "native") -> dict:
+    """One closed-loop run; ``spread`` > 0 starts each client after a random delay of up to that many s."""
     results: list[dict] = []
     gate = threading.Barrier(clients + 1)
+    delays = [random.Random(c).uniform(0, spread) for c in range(clients)]
     threads = [threading.Thread(target=client_loop, args=(server, requests_per_client, tokens, stream, c,
-                                                          results, gate)) for c in range(clients)]
+                                                          results, gate, delays[c], route)) for c in range(clients)]
     for t in threads:
         t.start()
     gate.wait()
@@ -117,6 +161,46 @@ def run_level(server, clients: int, requests_per_client: int, tokens: int, strea
     }
 
 
+def configurations(modes: list[str], budgets: list[float]) -> list[tuple[str, dict]]:
+    """(label, model-config overrides) per server to start: the continuous batcher once per budget."""
+    out = []
+    for mode in modes:
+        if mode == "continuous":
+            out += [(f"continuous {b:g} ms" if len(budgets) > 1 else "continuous",
+                     {**MODES[mode], "handler": {"step_budget_ms": b}}) for b in budgets]
+        else:
+            out.append((mode, MODES[mode]))
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in dict.fromkeys(_label(r) for r in rows if not r.get("mixed")):
+        mine = [r for r in rows if _label(r) == label and not r.get("mixed")]
+        clients = [r["clients"] for r in mine]
+        left.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=label)
+        right.plot(clients, [r["ttft_ms_p50"] for r in mine], marker="o", label=label)
+    for axis, title in ((left, "tokens/s (higher is better)"), (right, "TTFT p50, ms (lower is better)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent streaming clients")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    right.set_yscale("log")
+    fig.suptitle("TorchServe batchers, full default shape, float32, 2 cores (bench/load_bench.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _label(row: dict) -> str:
+    return row["mode"] if row.get("route", "native") == "native" else f"{row['mode']}, {row['route']} route"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -124,8 +208,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64, help="model-config batchSize (engine slots)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[None],
+                        help="handler.step_budget_ms values for the continuous batcher (default: the yaml's)")
+    parser.add_argument("--mixed-clients", type=int, default=16, help="clients of the mixed-length run (0: skip)")
     parser.add_argument("--no-stream", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
+    parser.add_argument("--plot", type=Path, default=None, help="write a tokens/s and TTFT plot here")
+    parser.add_argument("--routes", nargs="+", default=["native"], choices=ROUTES,
+                        help="HTTP views to load, in turn at each concurrency on the same server")
     args = parser.parse_args()
     stream = not args.no_stream
     rows = []
@@ -133,30 +223,52 @@ def main() -> None:
         scratch = Path(scratch)
         checkpoint, tokenizer = make_bench_model(scratch)
         base = yaml.safe_load((ROOT / "model-config.yaml").read_text())
-        for mode in args.modes:
-            root = scratch / mode
+        budgets = args.budgets if args.budgets != [None] else [base["handler"].get("step_budget_ms", 25)]
+        for n, (label, overrides) in enumerate(configurations(args.modes, budgets)):
+            root = scratch / f"server{n}"
             root.mkdir()
-            config = {**base, **MODES[mode], "batchSize": args.batch_size}
+            config = {**base, **overrides, "batchSize": args.batch_size,
+                      "handler": {**base["handler"], **overrides.get("handler", {})}}
             (root / "model-config.yaml").write_text(yaml.safe_dump(config))
             archive(root, checkpoint, tokenizer, root / "model-config.yaml")
             with running_torchserve(root) as server:
-                run_level(server, 1, 1, 8, stream)  # warm-up
+                for route in args.routes:
+                    run_level(server, 1, 1, 8, stream, route=route)  # warm-up
                 for clients in args.clients:
-                    row = {"mode": mode, "stream": stream, **run_level(server, clients, args.requests_per_client,
-                                                                        args.tokens, stream)}
+                    for route in args.routes:
+                        row = {"mode": label, "route": route, "stream": stream,
+                               **run_level(server, clients, args.requests_per_client, args.tokens, stream,
+                                           route=route)}
+                        rows.append(row)
+                        print(f"  {label:18s} {route:6s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
+                              f"ttft p50 {row['ttft_ms_p50']:7.0f} ms", file=sys.stderr)
+                for route in args.routes if args.mixed_clients else ():
+                    row = {"mode": label, "route": route, "stream": stream, "mixed": True,
+                           **run_level(server, args.mixed_clients, args.requests_per_client, MIXED_TOKENS, stream,
+                                       spread=2.0, route=route)}
                     rows.append(row)
-                    print(f"  {mode:10s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
-                          f"ttft p50 {row['ttft_ms_p50']:7.0f} ms", file=sys.stderr)
+                    print(f"  {label:18s} {route:6s} mixed {args.mixed_clients} clients "
+                          f"{row['tokens_per_s']:7.1f} tokens/s ttft p99 {row['ttft_ms_p99']:7.0f} ms", file=sys.stderr)
     print(f"\nClosed loop, {args.tokens} tokens/request, {'streamed' if stream else 'not streamed'}, "
           f"batchSize {args.batch_size}, full default shape, float32\n")
     print("| batcher | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | latency p50 / p99 (ms) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']:.0f} | {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} "
+        clients = f"{r['clients']} mixed" if r.get("mixed") else r["clients"]
+        print(f"| {_label(r)} | {clients} | {r['tokens_per_s']:.0f} | {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} "
               f"| {r['itl_ms_p50']:.0f} / {r['itl_ms_p99']:.0f} | {r['latency_ms_p50']:.0f} / {r['latency_ms_p99']:.0f} |")
+    for r in rows:  # --routes native openai: the OpenAI view's cost, same server, same load
+        native = [n for n in rows if n.get("route") == "native" and (n["mode"], n["clients"], n.get("mixed")) ==
+                  (r["mode"], r["clients"], r.get("mixed"))]
+        if r.get("route") == "openai" and native:
+            change = r["tokens_per_s"] / native[0]["tokens_per_s"] - 1
+            print(f"{r['mode']}, {r['clients']} clients{' mixed' if r.get('mixed') else ''}: openai route "
+                  f"{r['tokens_per_s']:.0f} vs native {native[0]['tokens_per_s']:.0f} tokens/s ({change:+.1%})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"tokens": args.tokens, "stream": stream, "batch_size": args.batch_size,
-                                    "rows": rows}, indent=2))
+                                    "mixed_tokens": MIXED_TOKENS, "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "handler"), str(ROOT / "tests"), str(ROOT)]
 
-from engine_bench import reference_tokens_per_s  # noqa: E402
+from engine_bench import demo_model_dir, reference_tokens_per_s  # noqa: E402
 from jaiserve import Engine, SamplingParams, load_model, load_tokenizer  # noqa: E402
 from load_bench import make_bench_model, run_level  # noqa: E402
 from reference_gpt import ReferenceGPT  # noqa: E402
@@ -59,14 +59,6 @@ warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*"
 
 
 # ----- quality on the demo model -----
-
-
-def demo_model_dir(directory: Path) -> Path:
-    if not (directory / demo.CHECKPOINT).exists():
-        print(f"building the demo model into {directory} (about 2 minutes, once)", file=sys.stderr)
-        build = demo.build_demo_model(directory, progress=False)
-        print("  " + build.summary(directory), file=sys.stderr)
-    return directory
 
 
 def _slots(place, role, rng: random.Random) -> dict:

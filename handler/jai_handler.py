@@ -1,11 +1,20 @@
 """TorchServe handler for JAI: a thin adapter between TorchServe's batches and ``jaiserve.Engine``.
 
-With ``continuousBatching: true`` every ``handle()`` call is ONE engine step over
-the requests TorchServe currently holds: new requests arrive with a body and are admitted, running
-ones arrive again without a body, and a request missing from the batch has disconnected. Each
-request's reply says whether it continues (``context.stopping_criteria``). With TorchServe's default
-batcher (our configuration, see model-config.yaml for why) the same handler runs its batch to
-completion in the engine and streams with intermediate responses.
+With ``continuousBatching: true`` (our configuration) every ``handle()`` call runs engine steps over the
+requests TorchServe currently holds: new requests arrive with a body and are admitted, running ones
+arrive again without a body, and a request missing from the batch has disconnected. One call runs
+several steps, streaming each step's lines as intermediate responses, and returns to TorchServe when
+its time budget (``handler.step_budget_ms``) is spent or a request finishes, so waiting requests join
+within the budget and a finished request's answer and slot are not held back (the idea of vLLM's
+multi-step scheduling: one frontend round trip per budget, not per token). Each request's last reply
+says whether it continues (``context.stopping_criteria``). Intermediate responses inside one call need
+our frontend patch (torchserve-patch/): TorchServe 0.12.0 ends the call at the first message. With
+TorchServe's default batcher the same loop runs its batch to completion.
+
+The HTTP contract lives in jaiserve/api.py: TorchServe's ``url_path`` header (what follows
+``/predictions/jai/<version>/``) picks the view (native, or OpenAI's under ``v1/``), which parses a
+body into an exchange of one or more engine requests (OpenAI's ``n`` and prompt lists fan out into the
+same batch) and formats their steps. This module only moves requests and steps between the two.
 
 Never raise out of ``handle()``: TorchServe would fail every request of the batch. Bad input is a
 400 for that request alone; an engine failure is a 500 for the requests it touched.
@@ -16,8 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from http import HTTPStatus
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,40 +35,43 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from jaiserve import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
-from jaiserve.api import Defaults, GenerationRequest, InvalidRequest, completion_body, error_body, parse_request
+from jaiserve.api import JSON, Defaults, Exchange, GenerationRequest, InvalidRequest, ServedModel, reason_phrase, route
 from jaiserve.checkpoint import quantize_int8
-from jaiserve.drain import DrainState, draining_body
+from jaiserve.drain import DRAINING, DrainState
 from jaiserve.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-JSON = "application/json"
-NDJSON = "application/x-ndjson"
+INTERMEDIATE = "Intermediate"  # the message torchserve-patch/ recognises as "more replies follow"
 
 
 class JAIHandler(BaseHandler):
     # TorchServe requires exactly one class per handler module, hence nested.
     @dataclass
+    class Call:
+        """A request TorchServe has handed us and not yet answered in full."""
+
+        exchange: Exchange  # its view's response state (jaiserve.api)
+        engine_ids: list  # the engine request of each of its choices
+        chunked: bool = False  # a chunk went out: TorchServe answers it as a chunked response
+
+    @dataclass
     class Running:
-        """A request TorchServe has handed us and not yet been answered in full."""
+        """An engine request (one choice of a call) not yet finished: its timings, for logs and metrics."""
 
         request: GenerationRequest
         started: float
         prompt_tokens: int = 0
-        steps: int = 0  # handle() calls that carried this request
         generated: int = 0  # tokens generated so far
         first_token_at: float | None = None
         last_token_at: float | None = None
-        pieces: list[str] = field(default_factory=list)
-        unsent_ids: list[int] = field(default_factory=list)  # tokens not yet in a stream line
-        unsent_text: str = ""
 
     def initialize(self, context):
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
         yaml_config = context.model_yaml_config or {}
         self.settings = Settings.from_yaml(yaml_config.get("handler"))
-        self.defaults = Defaults(**self.settings.defaults)
+        self.defaults = Defaults(**self.settings.defaults, max_choices=self.settings.max_choices)
         self.continuous = bool(yaml_config.get("continuousBatching", False))
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
@@ -78,6 +89,8 @@ class JAIHandler(BaseHandler):
             max_batch=int(yaml_config.get("batchSize", 1)),
             limits=Limits(self.settings.max_tokens_limit, self.settings.max_prompt_tokens),
             max_prefill_tokens=self.settings.max_prefill_tokens,
+            utf8_safe_sampling=self.settings.utf8_safe_sampling,
+            window_stride=self.settings.window_stride,
         )
         self.description = {
             "device": str(self.device),
@@ -93,7 +106,14 @@ class JAIHandler(BaseHandler):
             "continuous_batching": self.continuous,
             "torch_threads": torch.get_num_threads(),
         }
-        self.running: dict[str, JAIHandler.Running] = {}
+        self.served = ServedModel(
+            name=context.model_name,
+            created=int(time.time()),
+            context_tokens=model.config.block_size,
+            count_tokens=lambda text: len(self.engine.encode(text)),
+        )
+        self.calls: dict[str, JAIHandler.Call] = {}  # by TorchServe request id
+        self.running: dict[str, JAIHandler.Running] = {}  # by engine request id
         self.reported_active = None  # last value of the jai_active_requests gauge this worker sent
         self.drain = DrainState.for_worker()  # None outside a TorchServe worker (tests); see jaiserve/drain.py
         self.context = context
@@ -117,75 +137,131 @@ class JAIHandler(BaseHandler):
     def handle(self, data, context):
         self.context = context
         if self._is_describe():  # GET /models/jai?customized=true (BaseHandler's convention)
+            context.stopping_criteria = None  # the context outlives calls: a complete answer, not a stream
             return [self.describe_handle()]
         replies = {}
         try:
             self.preprocess(data, context, replies)
             self._report_active()
-            if not self.continuous:
-                return self._run_to_completion(context, replies)
-            outputs = self.inference()
-            return self.postprocess(outputs, context, replies)
+            return self.postprocess(self.inference(context, replies), context, replies)
         except Exception:  # never let one failure fail the batch through TorchServe
             logger.exception("engine step failed; answering 500 to the requests of this batch")
             return self._fail_all(context)
 
     def preprocess(self, data, context, replies):
-        """Admit new requests into the engine; answer bad ones with a 400 now; forget vanished ones."""
+        """Admit new requests into the engine; answer bad ones (and model lists) now; forget vanished ones."""
         present = set(context.request_ids.values())
-        for request_id in [r for r in self.running if r not in present]:
-            self.engine.abort(request_id)  # its client disconnected: free the slot
-            state = self.running.pop(request_id)
-            self._finished(request_id, state, "aborted", state.prompt_tokens, state.generated)
+        for request_id in [r for r in self.calls if r not in present]:
+            self._abort(request_id, "aborted")  # its client disconnected: free the slots
         draining = self._draining()  # once per call: requests already running continue either way
         for idx, row in enumerate(data):
             request_id = context.request_ids[idx]
-            if request_id in self.running:
+            if request_id in self.calls:
                 continue
+            view = route(context.get_request_header(idx, "url_path"))
             if draining:
-                replies[idx] = (503, _json(draining_body()))
+                replies[idx] = (503, view.refusal(InvalidRequest(None, DRAINING, status=503, code="draining")))
                 continue
             try:
                 if "body" not in row and "data" not in row:  # e.g. curl -d without a JSON content type
                     raise InvalidRequest("body", "must be JSON sent with 'Content-Type: application/json'")
-                request = parse_request(row.get("body", row.get("data")), self.defaults)
-                prompt_ids = self.engine.encode(request.prompt)
-                self.engine.add_request(request_id, prompt_ids, request.params)
+                exchange = view.parse(row.get("body", row.get("data")), request_id, self.defaults, self.served)
+                if not exchange.requests:  # answered without the engine
+                    replies[idx] = (200, exchange.final())
+                    continue
+                self._admit(request_id, exchange)
             except InvalidRequest as exc:
-                replies[idx] = (400, _json(error_body(400, str(exc))))
+                replies[idx] = (exc.status, view.refusal(exc))
             except ParameterError as exc:  # the engine's configured limits (max_tokens, prompt length)
-                replies[idx] = (400, _json(error_body(400, f"{exc.field}: {exc.problem}")))
-            else:
-                self.running[request_id] = self.Running(request, time.perf_counter(), len(prompt_ids))
+                replies[idx] = (400, view.refusal(InvalidRequest.from_parameter(exc)))
 
-    def inference(self):
-        return {out.request_id: out for out in self.engine.step()}
+    def _admit(self, request_id, exchange: Exchange):
+        """Queue every engine request of a call, or none of them (one refused: the others are withdrawn)."""
+        requests = exchange.requests
+        engine_ids = [request_id] if len(requests) == 1 else [f"{request_id}/{i}" for i in range(len(requests))]
+        admitted = []
+        try:
+            for engine_id, request in zip(engine_ids, requests):
+                prompt_ids = self.engine.encode(request.prompt)
+                self.engine.add_request(engine_id, prompt_ids, request.params)
+                admitted.append((engine_id, request, len(prompt_ids)))
+        except Exception:
+            for engine_id, _, _ in admitted:
+                self.engine.abort(engine_id)
+            raise
+        now = time.perf_counter()
+        for engine_id, request, prompt_tokens in admitted:
+            self.running[engine_id] = self.Running(request, now, prompt_tokens)
+        self.calls[request_id] = self.Call(exchange, engine_ids)
 
-    def postprocess(self, outputs, context, replies):
-        """One reply per request of the batch: a stream line, an empty chunk, or the final body."""
+    def _abort(self, request_id, reason):
+        """Drop a call and whatever of it the engine still runs."""
+        for engine_id in self.calls.pop(request_id).engine_ids:
+            state = self.running.pop(engine_id, None)
+            if state is not None:
+                self.engine.abort(engine_id)
+                self._finished(engine_id, state, reason, state.prompt_tokens, state.generated)
+
+    def inference(self, context, replies) -> dict[int, tuple]:
+        """Step the engine for this batch; return ``{idx: (call, whether it finished)}``.
+
+        Continuous batching: until the step budget is spent or a call finishes. Default batcher:
+        until every call of the batch has finished. Chunks of every step but the last go out as
+        intermediate responses; the last step's go out with ``handle()``'s return.
+        """
+        ids = context.request_ids
+        batch = {idx: self.calls[ids[idx]] for idx in range(len(ids)) if idx not in replies}
+        for idx, call in batch.items():  # before any chunk: a response's headers are fixed by its first
+            context.set_response_content_type(idx, call.exchange.content_type)
+        done = set()
+        deadline = time.perf_counter() + self.settings.step_budget_ms / 1000
+        produced = 0
+        while len(done) < len(batch):
+            outputs = {out.request_id: out for out in self.engine.step()}
+            if not outputs:
+                raise RuntimeError("the engine holds this batch's requests but produced nothing")
+            for idx, call in batch.items():
+                for index, engine_id in enumerate(call.engine_ids):
+                    if (out := outputs.get(engine_id)) is not None:  # None: finished, or waiting for a slot
+                        produced += len(out.token_ids)
+                        self._absorb(engine_id, out)
+                        call.exchange.add(index, out)
+                if idx not in done and call.exchange.finished:
+                    done.add(idx)
+            if self.continuous and (done or time.perf_counter() >= deadline):
+                break
+            if len(done) < len(batch):
+                self._send_chunks(context, {i: c for i, c in batch.items() if i not in done})
+        self._counter("jai_generated_tokens_total", produced)  # as produced: rate() stays smooth
+        return {idx: (call, idx in done) for idx, call in batch.items()}
+
+    def postprocess(self, results, context, replies):
+        """One reply per request of the batch: a refusal, a stream chunk (or empty one), or the final body."""
         criteria, responses = [], []
         for idx in range(len(context.request_ids)):
-            request_id = context.request_ids[idx]
-            if idx in replies:  # refused at admission: a complete 400 response
-                responses.append(self._refuse(context, idx, *replies[idx]))
+            if idx in replies:  # answered at admission (a refusal, a model list): a complete response
+                responses.append(self._answer(context, idx, *replies[idx]))
                 criteria.append(None)
                 continue
-            state = self.running[request_id]
-            state.steps += 1
-            out = outputs.get(request_id)
-            finished = self._absorb(request_id, state, out)
-            context.set_response_content_type(idx, NDJSON if state.request.stream else JSON)
-            responses.append(self._reply(state, out, finished))
-            # finished on its first step: a plain complete response; otherwise end or continue the chunked one
-            criteria.append(None if finished and state.steps == 1 else finished)
-        context.stopping_criteria = [lambda _, done=done: done for done in criteria]
+            call, finished = results[idx]
+            if finished:
+                del self.calls[context.request_ids[idx]]
+                responses.append(call.exchange.final())
+                # never chunked before: a plain complete response; otherwise the end of the chunked one
+                criteria.append(True if call.chunked else None)
+            else:
+                responses.append(call.exchange.chunk())
+                criteria.append(False)
+                call.chunked = True
+        if self.continuous:  # the default batcher ends every request of the batch here
+            context.stopping_criteria = [lambda _, done=done: done for done in criteria]
         return responses
 
     # ----- helpers -----
 
-    def _absorb(self, request_id, state: JAIHandler.Running, out) -> bool:
-        if out is None:
-            return False  # still waiting for a prefill slot
+    def _absorb(self, engine_id, out):
+        """An engine request's step, for its timings; a finished one is logged and forgotten."""
+        state = self.running[engine_id]
         now = time.perf_counter()
         if state.first_token_at is None:
             state.first_token_at = now
@@ -193,91 +269,58 @@ class JAIHandler(BaseHandler):
         if out.token_ids:
             state.last_token_at = now
             state.generated += len(out.token_ids)
-        state.pieces.append(out.text)
-        state.unsent_ids += out.token_ids
-        state.unsent_text += out.text
         if out.finished:
-            del self.running[request_id]
-            self._finished(request_id, state, out.finish_reason, out.prompt_tokens, out.completion_tokens)
-        return out.finished
+            del self.running[engine_id]
+            self._finished(engine_id, state, out.finish_reason, out.prompt_tokens, out.completion_tokens)
 
-    def _reply(self, state: JAIHandler.Running, out, finished: bool) -> str:
-        request = state.request
-        if finished:
-            body = completion_body(
-                request, "".join(state.pieces), out.finish_reason, out.prompt_tokens, out.completion_tokens
+    def _send_chunks(self, context, batch: dict[int, JAIHandler.Call]):
+        """Stream chunks now, as one intermediate response for the calls that have one."""
+        chunks = {idx: chunk for idx, call in batch.items() if (chunk := call.exchange.chunk())}
+        if chunks:
+            send_intermediate_predict_response(
+                chunks, {idx: context.request_ids[idx] for idx in chunks}, INTERMEDIATE, 200, context
             )
-            if not request.stream:
-                return _json(body)
-            return _json({"text": state.unsent_text, "token_ids": state.unsent_ids, **body}) + "\n"
-        if not request.stream or not state.unsent_text:
-            return ""  # nothing to show yet (a split character, or a non-streamed request)
-        line = _json({"text": state.unsent_text, "token_ids": state.unsent_ids}) + "\n"
-        state.unsent_text, state.unsent_ids = "", []
-        return line
-
-    def _run_to_completion(self, context, replies):
-        """Default batcher: step until this batch is done, streaming lines as intermediate responses."""
-        ids = context.request_ids
-        for idx in range(len(ids)):
-            if idx not in replies:
-                stream = self.running[ids[idx]].request.stream
-                context.set_response_content_type(idx, NDJSON if stream else JSON)
-        while any(ids[i] in self.running for i in range(len(ids)) if i not in replies):
-            outputs = self.inference()
-            chunks = {}
-            for idx in range(len(ids)):
-                state = self.running.get(ids[idx])
-                if idx in replies or state is None:
-                    continue
-                state.steps += 1
-                out = outputs.get(ids[idx])
-                if self._absorb(ids[idx], state, out):
-                    replies[idx] = (200, self._reply(state, out, True))
-                elif state.request.stream and (line := self._reply(state, None, False)):
-                    chunks[idx] = line
-            if chunks:
-                send_intermediate_predict_response(
-                    chunks, {i: ids[i] for i in chunks}, "Intermediate", 200, context
-                )
-        return [
-            body if code == 200 else self._refuse(context, idx, code, body)
-            for idx, (code, body) in sorted(replies.items())
-        ]
+            for idx in chunks:
+                batch[idx].chunked = True
 
     def _draining(self) -> bool:
         """Whether scripts/serve.sh drain asked this server to stop admitting requests."""
         return self.drain is not None and self.drain.draining()
 
     @staticmethod
-    def _refuse(context, idx, code, body) -> str:
-        context.set_response_status(code, HTTPStatus(code).phrase, idx)
+    def _answer(context, idx, code, body) -> str:
+        if code != 200:
+            context.set_response_status(code, reason_phrase(code), idx)
         context.set_response_content_type(idx, JSON)
         return body
 
     def _fail_all(self, context):
         """An engine failure: 500 for every request of this batch, and a clean engine for the next."""
-        criteria = []
+        message = "generation failed; see the model log"
+        criteria, bodies = [], []
         for idx in range(len(context.request_ids)):
-            state = self.running.get(context.request_ids[idx])
+            call = self.calls.get(context.request_ids[idx])
             # a request already answered in chunks ends its stream; a new one gets a complete response
-            criteria.append(True if state is not None and state.steps > 0 else None)
-            context.set_response_status(500, "Internal Server Error", idx)
-            context.set_response_content_type(idx, JSON)
-        for request_id, state in self.running.items():
-            self.engine.abort(request_id)
-            self._finished(request_id, state, "error", state.prompt_tokens, state.generated)
-        self.running.clear()
+            chunked = call is not None and call.chunked
+            criteria.append(True if chunked else None)
+            context.set_response_status(500, reason_phrase(500), idx)
+            if call is not None:
+                bodies.append(call.exchange.failure(500, message, streaming=chunked))
+            else:  # failed before its call was admitted: the shape of the route it came by
+                view = route(context.get_request_header(idx, "url_path"))
+                bodies.append(view.refusal(InvalidRequest(None, message, status=500)))
+            if not chunked:  # a chunked response's headers went out with its first chunk
+                context.set_response_content_type(idx, JSON)
+        for request_id in list(self.calls):
+            self._abort(request_id, "error")
         self._report_active()
         context.stopping_criteria = [lambda _, done=done: done for done in criteria]
-        body = _json(error_body(500, "generation failed; see the model log", "InternalServerError"))
-        return [body] * len(context.request_ids)
+        return bodies
 
     def _finished(self, request_id, state: JAIHandler.Running, finish_reason, prompt_tokens, completion_tokens):
         """A request left the engine (stop, length, aborted or error): its log line and its metrics."""
         self._log(request_id, state, finish_reason, prompt_tokens, completion_tokens)
-        self._counter("jai_prompt_tokens_total", prompt_tokens)
-        self._counter("jai_generated_tokens_total", completion_tokens)
+        self._counter("jai_prompt_tokens_total", prompt_tokens)  # generated ones are counted as produced
         self._counter("jai_requests_finished_total", 1, FinishReason=finish_reason)
         if state.generated >= 2:
             between = (state.last_token_at - state.first_token_at) / (state.generated - 1)
@@ -326,6 +369,3 @@ class JAIHandler(BaseHandler):
             request_id, prompt_tokens, completion_tokens, finish_reason, ttft, (now - state.started) * 1000, prompt,
         )
 
-
-def _json(body: dict) -> str:
-    return json.dumps(body, ensure_ascii=False)

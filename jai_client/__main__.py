@@ -1,4 +1,5 @@
-"""Command line: ``python -m jai_client chat "판교 백엔드 채용 있어?"`` (also generate, health, scale).
+"""Command line: ``python -m jai_client chat "판교 백엔드 채용 있어?"`` (also generate, health, scale);
+installed by ``pip install .`` as the ``jaiserve`` command.
 
 chat and generate stream the text to the terminal as it is generated (``--no-stream``: all at once).
 Exit status: 0 done, 1 the server refused or could not be reached (one ``error: ...`` line on stderr),
@@ -31,8 +32,8 @@ SAMPLING_FLAGS = {  # flag -> (request field, type, help)
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "jaiserve") -> int:
+    args = _parser(prog).parse_args(argv)
     flags = {"url": args.url, "management_url": args.management_url, "key_file": args.token_file}
     settings = client_settings_from_env() | {name: value for name, value in flags.items() if value}
     client = JAIClient(**settings, timeout=args.timeout)
@@ -76,8 +77,8 @@ def _scale(client: JAIClient, args: argparse.Namespace) -> None:
     print(client.scale(args.workers).get("status"))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jai_client", description="Talk to JAI served by TorchServe.")
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Talk to JAI served by TorchServe.")
     parser.add_argument("--url", help=f"inference API (env JAI_URL, default {DEFAULT_URL})")
     parser.add_argument(
         "--management-url", help=f"management API (env JAI_MANAGEMENT_URL, default {DEFAULT_MANAGEMENT_URL})"
@@ -117,4 +118,4 @@ def _non_negative(text: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m jai_client"))

@@ -39,6 +39,16 @@ inference=$(property inference_address)
 inference=${inference:-http://127.0.0.1:8080}
 store=$(property model_store)
 
+agent_jar_present() { # the JVM does not start without the jar that vmargs' -javaagent: names
+    local jar
+    jar=$(property vmargs | grep -o -e '-javaagent:[^ =]*' | head -n 1 || true)
+    jar=${jar#-javaagent:}
+    [[ -z $jar || -f $jar ]] && return 0
+    echo "serve.sh: $jar (vmargs in $PWD/config.properties) is missing: run 'make setup' in $repo" >&2
+    echo "  (a config.properties outside the repo must name the jar by its absolute path)" >&2
+    return 1
+}
+
 running_pid() {
     [[ -f $pid_file ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null && cat "$pid_file"
 }
@@ -65,7 +75,8 @@ wait_ready() { # until a worker of jai is READY, or the timeout
             return 0
         fi
         if [[ -z $(running_pid) ]]; then
-            echo "serve.sh: torchserve exited during start-up; see $PWD/logs/ts_log.log and logs/model_log.log" >&2
+            echo "serve.sh: torchserve exited during start-up; see $PWD/logs.start.txt, logs/ts_log.log and logs/model_log.log:" >&2
+            tail -n 3 logs.start.txt >&2
             return 1
         fi
         sleep 1
@@ -78,6 +89,7 @@ start() {
     if pid=$(running_pid); then echo "serve.sh: already running (pid $pid)"; return 0; fi
     [[ -f ${store:-model_store}/jai.mar ]] ||
         { echo "serve.sh: ${store:-model_store}/jai.mar missing: run ./archive.sh" >&2; exit 1; }
+    agent_jar_present || exit 1
     rm -f key_file.json
     "$bin/torchserve" --start --ncs --ts-config config.properties >logs.start.txt 2>&1 ||
         { cat logs.start.txt >&2; exit 1; }

@@ -14,7 +14,7 @@ import pytest
 from ts.context import Context, RequestProcessor
 
 import jai_handler
-from jaiserve.drain import FRONTEND_CLASS, DrainState, drain_folder, draining_body
+from jaiserve.drain import DRAINING, FRONTEND_CLASS, DrainState, drain_folder
 
 
 def test_the_marker_file_switches_draining_on_and_off(tmp_path):
@@ -124,7 +124,7 @@ def test_continuous_batching_refuses_new_requests_while_running_ones_finish(mode
     replies = call(handler, context, [("old", None), ("new", {"prompt": "부산", "max_tokens": 3})])
     status, body, done = replies["new"]
     assert status == 503 and done is None  # a complete response, not the start of a stream
-    assert json.loads(body) == draining_body() and json.loads(body)["type"] == "Draining"
+    assert json.loads(body) == {"code": 503, "type": "Draining", "message": DRAINING}
     assert context.get_response_status(1)[1] == "Service Unavailable"
     steps = 2
     while replies["old"][2] is False:  # the admitted request runs to its end

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from typing import NamedTuple
 
 import pytest
 from ts.context import Context, RequestProcessor
@@ -13,7 +14,12 @@ from jaiserve.api import CHAT_TEMPLATE
 YAML = {
     "continuousBatching": True,
     "batchSize": 4,
-    "handler": {"n_head": 2, "threads": 1, "defaults": {"max_tokens": 12, "temperature": 0.8, "top_k": 50}},
+    "handler": {
+        "n_head": 2,
+        "threads": 1,
+        "step_budget_ms": 0,  # one engine step per handle() call, unless a test sets a budget
+        "defaults": {"max_tokens": 12, "temperature": 0.8, "top_k": 50},
+    },
 }
 
 
@@ -32,19 +38,34 @@ def make_handler(model_dir, **yaml_changes):
     return handler, context
 
 
-def call(handler, context, batch):
-    """One handle() call. ``batch`` is [(request_id, body or None for a running request)]."""
+def call(handler, context, batch, monkeypatch=None):
+    """One handle() call. ``batch`` is [(request_id, body or None for a running request)].
+
+    Each reply has the intermediate responses sent during the call (``chunks``), then the returned one.
+    """
     context.request_ids = {i: rid for i, (rid, _) in enumerate(batch)}
-    context.request_processor = [RequestProcessor({}) for _ in batch]
+    context.request_processor = [RequestProcessor({"url_path": b.path} if isinstance(b, At) else {}) for _, b in batch]
     context.stopping_criteria = None
+    batch = [(rid, b.body if isinstance(b, At) else b) for rid, b in batch]
     data = [body if isinstance(body, Form) else {"body": body} if body is not None else {} for _, body in batch]
-    responses = handler.handle(data, context)
+    sent = []
+
+    def record(ret, req_id_map, message, code, ctx):
+        assert message == jai_handler.INTERMEDIATE and code == 200 and set(ret) == set(req_id_map)
+        sent.append({req_id_map[idx]: ret[idx] for idx in ret})
+
+    original, jai_handler.send_intermediate_predict_response = jai_handler.send_intermediate_predict_response, record
+    try:
+        responses = handler.handle(data, context)
+    finally:
+        jai_handler.send_intermediate_predict_response = original
     assert len(responses) == len(batch)
     replies = {}
     for i, (rid, _) in enumerate(batch):
         done = context.stopping_criteria[i](responses[i]) if context.stopping_criteria else None
         replies[rid] = dict(
             body=responses[i],
+            chunks=[message[rid] for message in sent if rid in message],
             status=context.get_response_status(i)[0],
             content_type=context.get_response_content_type(i),
             done=done,
@@ -117,6 +138,13 @@ def test_stream_lines_join_to_the_generated_text(handler):
     assert json.loads(again["s2"][-1]["body"])["generated"] == lines[-1]["generated"]
 
 
+class At(NamedTuple):
+    """A body sent to /predictions/jai/1.0/<path>: TorchServe hands the handler ``path`` as url_path."""
+
+    path: str
+    body: object
+
+
 class Form(dict):
     """What TorchServe passes for a form-encoded body: its fields, no "body"."""
 
@@ -181,24 +209,58 @@ def test_engine_failure_is_a_500_and_the_next_request_works(model_dir, monkeypat
     assert json.loads(log["y"][-1]["body"])["usage"]["completion_tokens"] == 2
 
 
-def test_default_batcher_runs_the_batch_to_completion_and_streams(model_dir, monkeypatch):
+def test_default_batcher_runs_the_batch_to_completion_and_streams(model_dir):
     h, context = make_handler(model_dir, continuousBatching=False)
-    chunks = []
-    monkeypatch.setattr(
-        jai_handler, "send_intermediate_predict_response",
-        lambda ret, ids, msg, code, ctx: chunks.append(dict(ret)),
-    )
     replies = call(h, context, [
         ("s", {"prompt": "서울", "stream": True, "max_tokens": 8, "seed": 1}),
         ("j", {"prompt": "판교", "max_tokens": 4, "temperature": 0}),
         ("b", {"prompt": ""}),
     ])
-    assert replies["b"]["status"] == 400
-    assert json.loads(replies["j"]["body"])["usage"]["completion_tokens"] == 4
-    streamed = [json.loads(line) for c in chunks for line in c.get(0, "").splitlines()]
+    assert replies["b"]["status"] == 400 and not replies["b"]["chunks"]
+    assert json.loads(replies["j"]["body"])["usage"]["completion_tokens"] == 4 and not replies["j"]["chunks"]
+    streamed = [json.loads(line) for c in replies["s"]["chunks"] for line in c.splitlines()]
     final = json.loads(replies["s"]["body"])
-    assert len(streamed) >= 2 and all(1 not in c and 2 not in c for c in chunks)
+    assert len(streamed) >= 2 and context.stopping_criteria is None
     assert "".join(s["text"] for s in streamed) + final["text"] == final["generated"]
+
+
+def multi_step_handler(model_dir):
+    return make_handler(model_dir, handler={**YAML["handler"], "step_budget_ms": 60_000})
+
+
+def test_a_call_streams_several_steps_and_returns_when_a_request_finishes(model_dir):
+    h, context = multi_step_handler(model_dir)
+    replies = call(h, context, [
+        ("long", {"prompt": "서울", "stream": True, "max_tokens": 30, "temperature": 0}),
+        ("short", {"prompt": "판교", "max_tokens": 6, "temperature": 0}),
+    ])
+    short, long = replies["short"], replies["long"]
+    # "short" finished on the call's 6th step: the call returns then, with its complete (never chunked) body
+    assert short["done"] is None and not short["chunks"]
+    assert json.loads(short["body"])["usage"]["completion_tokens"] == 6
+    # "long" streamed the lines of steps 1-5 as intermediate responses and continues
+    assert long["done"] is False and 1 <= len(long["chunks"]) <= 5
+    lines = [json.loads(line) for body in long["chunks"] + [long["body"]] for line in body.splitlines()]
+    assert sum(len(line["token_ids"]) for line in lines) <= 6
+    log = drive(h, context, [("long", None)])
+    rest = [json.loads(line) for r in log["long"] for body in r["chunks"] + [r["body"]] for line in body.splitlines()]
+    assert len(log["long"]) == 1 and log["long"][-1]["done"] is True  # once chunked, the stream is ended
+    final = rest[-1]
+    assert final["usage"]["completion_tokens"] == 30
+    assert "".join(line["text"] for line in lines + rest) == final["generated"]
+    expected = h.engine.generate([h.engine.encode("서울")], [SamplingParams(max_tokens=30, temperature=0)])[0]
+    assert final["generated"] == expected.text
+
+
+def test_the_step_budget_bounds_a_call(model_dir, monkeypatch):
+    h, context = make_handler(model_dir, handler={**YAML["handler"], "step_budget_ms": 5})
+    clock = iter(range(0, 10_000, 2))  # each perf_counter() call: +2 ms
+    monkeypatch.setattr(jai_handler.time, "perf_counter", lambda: next(clock) / 1000)
+    replies = call(h, context, [("r", {"prompt": "부산", "stream": True, "max_tokens": 50, "temperature": 0})])
+    assert replies["r"]["done"] is False and h.running["r"].generated < 50  # back to TorchServe early
+    monkeypatch.undo()
+    drive(h, context, [("r", None)])
+    assert not h.running
 
 
 def test_unknown_handler_setting_is_refused(model_dir):
@@ -212,3 +274,100 @@ def test_describe_request_returns_the_description(handler):
     context.request_processor = [RequestProcessor({"describe": "True"})]
     [described] = h.handle([{}], context)
     assert json.loads(described)["block_size"] == 32 and not h.running
+
+
+# ----- the OpenAI view (url_path v1/...) through the same handler and engine -----
+
+
+def sse(text):
+    return [b.removeprefix("data: ") for b in text.split("\n\n") if b]
+
+
+def test_openai_models_and_unknown_paths_are_answered_at_once(handler):
+    h, context = handler
+    replies = call(h, context, [
+        ("m", At("v1/models", b"")),
+        ("x", At("v1/embeddings", {"model": "jai", "input": "a"})),
+        ("p", At("explain", {"prompt": "a"})),
+        ("g", {"prompt": "대전", "max_tokens": 1}),
+    ])
+    assert replies["m"]["status"] == 200 and replies["m"]["done"] is None
+    assert json.loads(replies["m"]["body"])["data"][0]["id"] == "jai"
+    assert replies["x"]["status"] == 404 and json.loads(replies["x"]["body"])["error"]["param"] is None
+    assert replies["p"]["status"] == 404 and json.loads(replies["p"]["body"])["type"] == "NotFound"
+    assert replies["g"]["status"] == 200 and not h.calls and not h.running
+
+
+def test_openai_n_fans_out_into_the_same_batch_and_joins_in_one_answer(handler):
+    h, context = handler
+    body = {"model": "jai", "prompt": "서울 채용", "n": 3, "max_tokens": 5, "seed": 7, "temperature": 1.0}
+    call(h, context, [("n3", At("v1/completions", body))])
+    assert sorted(h.running) == ["n3/0", "n3/1", "n3/2"] and h.engine.running == 3
+    log = drive(h, context, [("n3", None)])
+    answer = json.loads(log["n3"][-1]["body"])
+    assert log["n3"][-1]["content_type"] == "application/json" and not h.running and not h.calls
+    engine = h.engine
+    for j, choice in enumerate(answer["choices"]):
+        params = SamplingParams(max_tokens=5, temperature=1.0, seed=7 + j)
+        [alone] = engine.generate([engine.encode("서울 채용")], [params])
+        assert choice["index"] == j and choice["text"] == alone.text
+    assert answer["usage"] == {"prompt_tokens": len(engine.encode("서울 채용")), "completion_tokens": 15,
+                               "total_tokens": len(engine.encode("서울 채용")) + 15}
+
+
+def test_openai_chat_streams_server_sent_events_with_the_default_batcher(model_dir):
+    h, context = make_handler(model_dir, continuousBatching=False)
+    body = {"model": "jai", "messages": [{"role": "user", "content": "판교 백엔드?"}], "max_tokens": 6,
+            "temperature": 0}
+    replies = call(h, context, [
+        ("s", At("v1/chat/completions", {**body, "stream": True})),
+        ("p", At("v1/chat/completions", body)),
+        ("native", {"prompt": "판교 백엔드?", "mode": "chat", "max_tokens": 6, "temperature": 0}),
+    ])
+    stream = replies["s"]
+    assert stream["content_type"] == "text/event-stream; charset=utf-8" and stream["body"].endswith("data: [DONE]\n\n")
+    events = [json.loads(e) for c in stream["chunks"] + [stream["body"]] for e in sse(c) if e != "[DONE]"]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    plain = json.loads(replies["p"]["body"])
+    native = json.loads(replies["native"]["body"])
+    assert text == plain["choices"][0]["message"]["content"] == native["generated"]
+    assert plain["usage"]["completion_tokens"] == native["usage"]["completion_tokens"] == 6
+
+
+def test_openai_refusals_name_the_parameter_and_withdraw_the_whole_call(handler):
+    h, context = handler
+    replies = call(h, context, [
+        ("limit", At("v1/completions", {"model": "jai", "prompt": "a", "max_tokens": 5000})),
+        ("long", At("v1/completions", {"model": "jai", "prompt": ["서울", "가" * 2100], "max_tokens": 2})),
+        ("tools", At("v1/chat/completions", {"model": "jai", "messages": [{"role": "user", "content": "a"}],
+                                             "tools": [{"type": "function"}]})),
+        ("good", {"prompt": "대전", "max_tokens": 1}),
+    ])
+    errors = {rid: json.loads(replies[rid]["body"])["error"] for rid in ("limit", "long", "tools")}
+    assert all(replies[rid]["status"] == 400 for rid in errors)
+    assert errors["limit"]["param"] == "max_tokens" and "must be <= 1024" in errors["limit"]["message"]
+    assert errors["long"]["param"] == "prompt" and "tokens, longer than the limit" in errors["long"]["message"]
+    assert errors["tools"]["param"] == "tools"
+    assert replies["good"]["status"] == 200 and not h.running and not h.engine.has_work()
+
+
+def test_a_disconnected_fan_out_frees_every_slot(handler):
+    h, context = handler
+    call(h, context, [("gone", At("v1/completions", {"model": "jai", "prompt": "제주", "n": 2, "max_tokens": 50}))])
+    assert h.engine.running == 2
+    replies = call(h, context, [("next", {"prompt": "원격", "max_tokens": 1})])  # "gone" is no longer in the batch
+    assert replies["next"]["status"] == 200 and h.engine.running == 0 and not h.running and not h.calls
+
+
+def test_an_engine_failure_ends_an_openai_stream_with_an_error_event(model_dir, monkeypatch):
+    h, context = make_handler(model_dir)
+    body = {"model": "jai", "messages": [{"role": "user", "content": "서울"}], "max_tokens": 20, "stream": True}
+    first = call(h, context, [("s", At("v1/chat/completions", body))])["s"]
+    assert first["done"] is False
+    monkeypatch.setattr(h.engine, "step", lambda: 1 / 0)
+    replies = call(h, context, [("s", None), ("new", At("v1/completions", {"model": "jai", "prompt": "a"}))])
+    [event] = sse(replies["s"]["body"])
+    assert replies["s"]["done"] is True and json.loads(event)["error"]["type"] == "server_error"
+    assert replies["new"]["status"] == 500 and replies["new"]["done"] is None
+    assert json.loads(replies["new"]["body"])["error"]["type"] == "server_error"
+    assert not h.calls and not h.running and not h.engine.has_work()

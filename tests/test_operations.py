@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from ts_launcher import BIN, ROOT, _free_ports, archive, running_torchserve
+from ts_launcher import BIN, ROOT, _free_ports, absolute_javaagent, archive, running_torchserve
 
 pytestmark = pytest.mark.e2e
 
@@ -141,6 +141,7 @@ def test_a_killed_worker_is_replaced_and_requests_succeed_again(ts_server):
 # ----- a second server: one request at a time, a two-request job queue, prompts logged -----
 
 SMALL_CONFIG = """\
+continuousBatching: true
 minWorkers: 1
 maxWorkers: 1
 batchSize: 1
@@ -229,15 +230,16 @@ def test_the_inference_token_is_renewed_with_the_api_key(small_server):
 
 
 def scratch_deployment(root: Path) -> Path:
-    """``root`` as a deployment folder: the repo's config.properties with every port moved to a free one,
-    metrics.yaml beside it; the caller archives into root/model_store."""
+    """``root`` as a deployment folder: the repo's config.properties with every port moved to a free one
+    (and the patch agent named by its absolute path), metrics.yaml beside it; the caller archives into
+    root/model_store."""
     ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), _free_ports(5)))
     config = (ROOT / "config.properties").read_text()
     config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m[1]]}", config)
     config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m[1]}={ports[m[2]]}", config, flags=re.M)
     settings = "\n".join(line for line in config.splitlines() if not line.startswith("#"))
     assert not re.search(r"[:=](808[012]|707[01])\b", settings)  # nothing left on a port a user's server has
-    (root / "config.properties").write_text(config)
+    (root / "config.properties").write_text(absolute_javaagent(config))
     shutil.copy(ROOT / "metrics.yaml", root / "metrics.yaml")
     return root
 

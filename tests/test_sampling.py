@@ -90,3 +90,27 @@ def test_greedy_rows_take_the_argmax_and_seeds_repeat():
     again = sample(logits, params, [None, torch.Generator().manual_seed(5), None])
     assert first[0] == logits[0].argmax() and first[2] == logits[2].argmax()
     assert torch.equal(first, again)
+
+
+def test_batched_draw_is_torch_multinomial_for_each_seeded_row():
+    """The batched exponential race draws, for a seeded row, exactly what torch.multinomial draws from
+    the same generator over the row's own entries, and leaves the generator in the same state."""
+    from jaiserve.sampling import _draw
+
+    torch.manual_seed(0)
+    for trial in range(50):
+        rows, width = int(torch.randint(1, 6, ())), int(torch.randint(2, 80, ()))
+        probs = torch.softmax(3 * torch.randn(rows, width), dim=-1)
+        widths = [int(torch.randint(1, width + 1, ())) for _ in range(rows)]
+        for j, w in enumerate(widths):
+            probs[j, w:] = 0  # past a row's own width (top_k rows in a batch with a larger k)
+        ours = [torch.Generator().manual_seed(100 * trial + j) for j in range(rows)]
+        theirs = [torch.Generator().manual_seed(100 * trial + j) for j in range(rows)]
+        generators = [g if j % 3 else None for j, g in enumerate(ours)]  # some rows unseeded
+        drawn = _draw(probs, generators, widths).tolist()
+        for j, g in enumerate(generators):
+            if g is not None:
+                assert drawn[j] == int(torch.multinomial(probs[j, : widths[j]], 1, generator=theirs[j]))
+                assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=theirs[j]))
+            else:
+                assert drawn[j] < widths[j]  # an unseeded row never lands past its width

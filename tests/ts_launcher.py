@@ -1,7 +1,8 @@
 """Start a real torchserve from the repo's config.properties in a scratch folder (tests, benchmarks).
 
-The folder gets its own copy of config.properties with the three ports moved to free ones, its own
-model store, logs, key_file.json and pid file, so it never touches a server the user is running.
+The folder gets its own copy of config.properties with the three ports moved to free ones (and the patch
+agent's jar named by its absolute path), its own model store, logs, key_file.json and pid file, so it
+never touches a server the user is running.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class Server:
     def ready_workers(self):
         return [w for w in self.describe()["workers"] if w["status"] == "READY"]
 
-    def log(self, name="model_log.log", lines=40) -> str:
-        path = self.root / "logs" / name
+    def log(self, name="logs/model_log.log", lines=40) -> str:
+        """The last lines of a file under the server's folder (its logs/ is not there before log4j starts)."""
+        path = self.root / name
         return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else f"({path} missing)"
 
 
@@ -63,6 +65,20 @@ def archive(root: Path, checkpoint, tokenizer, config_file=None) -> Path:
         command += ["--config", str(config_file)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     return root / "model_store" / "jai.mar"
+
+
+def absolute_javaagent(config: str) -> str:
+    """config.properties names the patch agent's jar (torchserve-patch/) relative to the repo root, where
+    torchserve normally starts; a server started in another folder needs the absolute path."""
+
+    def absolute(match):
+        path, equals, options = match.group(1).partition("=")
+        path = Path(path) if Path(path).is_absolute() else ROOT / path
+        if re.search(r"\s", str(path)):  # the launcher splits vmargs on whitespace
+            raise RuntimeError(f"{path}: vmargs cannot name a path with spaces; move the checkout")
+        return f"-javaagent:{path}{equals}{options}"
+
+    return re.sub(r"^vmargs=.*$", lambda m: re.sub(r"-javaagent:(\S+)", absolute, m.group(0)), config, flags=re.M)
 
 
 def _free_ports(n):
@@ -94,6 +110,7 @@ def running_torchserve(root: Path, start_timeout: float = 180):
     config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m.group(1)}={ports[m.group(2)]}", config, flags=re.M)
     # the frontend names its worker sockets after java.io.tmpdir, not TMPDIR: keep them in the scratch folder
     config = re.sub(r"^vmargs=(.*)$", lambda m: f"vmargs={m.group(1)} -Djava.io.tmpdir={root}", config, flags=re.M)
+    config = absolute_javaagent(config)
     (root / "config.properties").write_text(config)
     for relative in re.findall(r"^metrics_config=(\S+)$", config, flags=re.M):  # files it names
         if not Path(relative).is_absolute():
@@ -114,7 +131,7 @@ def running_torchserve(root: Path, start_timeout: float = 180):
                 pass
             if time.monotonic() > deadline or not _alive(root / ".model_server.pid"):
                 raise RuntimeError(
-                    "torchserve did not become ready:\n" + server.log() + "\n" + server.log("../start.log")
+                    "torchserve did not become ready:\n" + server.log() + "\n" + server.log("start.log")
                 )
             time.sleep(0.5)
         yield server

@@ -1,15 +1,25 @@
-"""The HTTP contract of ``POST /predictions/jai``: request parsing and response bodies.
+"""The HTTP contract: how a request body becomes engine requests, and how their steps become a response.
 
-Independent of TorchServe so that tests, the handler and the client share one definition.
-Request: the seed's ``prompt``, ``max_tokens``, ``temperature``, ``top_k``; plus ``top_p``, ``seed``,
-``stop``, ``mode`` (generate | chat) and ``stream``. Response: the seed's ``prompt``, ``generated``,
-``full_text``, plus ``finish_reason`` and ``usage``.
+Two views of one pipeline, picked by TorchServe's ``url_path`` header (:func:`route`):
+- native, ``POST /predictions/jai`` (this module): the seed's ``prompt``, ``max_tokens``,
+  ``temperature``, ``top_k``; plus ``top_p``, ``seed``, ``stop``, ``mode`` (generate | chat) and
+  ``stream``. Response: the seed's ``prompt``, ``generated``, ``full_text``, plus ``finish_reason`` and
+  ``usage``; streamed as NDJSON lines.
+- OpenAI, ``/predictions/jai/<version>/v1/...`` (openai_api.py): models, completions, chat/completions,
+  streamed as server-sent events.
+
+Either way a call is parsed into an :class:`Exchange`: its engine requests (one per choice: OpenAI's ``n``
+and a list of prompts fan out) and the state that turns those requests' step outputs into stream
+chunks and a final body. The handler runs every exchange through the same engine, batching, limits,
+metrics and logs. Independent of TorchServe, so tests, the handler and the client share one definition.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from .sampling import ParameterError, SamplingParams
 
@@ -17,14 +27,29 @@ CHAT_TEMPLATE = "[QUESTION]\n{prompt}\n[/QUESTION]\n\n[ANSWER]\n"  # the seed's 
 CHAT_STOP = "[/ANSWER]"
 MODES = ("generate", "chat")
 FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "mode", "stream")
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
 
 
 class InvalidRequest(ValueError):
-    """A request the server refuses with HTTP 400; ``str()`` is ``"<field>: <what is wrong>"``."""
+    """A request the server refuses (400, or 404 for an unknown path). ``str()`` is
+    ``"<field>: <what is wrong>"``, or just the problem when no field is at fault."""
 
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
+    def __init__(self, field: str | None, problem: str, status: int = 400, code: str | None = None):
+        super().__init__(f"{field}: {problem}" if field else problem)
         self.field = field
+        self.problem = problem
+        self.status = status
+        self.code = code  # OpenAI's machine-readable error code (e.g. "model_not_found"), if any
+
+    @classmethod
+    def from_parameter(cls, exc: ParameterError) -> InvalidRequest:
+        """The engine's and SamplingParams' refusals (limits, ranges) as a 400."""
+        return cls(exc.field, exc.problem)
+
+
+def reason_phrase(status: int) -> str:
+    return HTTPStatus(status).phrase
 
 
 @dataclass(frozen=True)
@@ -36,18 +61,121 @@ class Defaults:
     top_k: int | None = 50
     top_p: float = 1.0
     max_prompt_chars: int = 32_768  # refuse before tokenizing: a cheap guard against huge bodies
+    max_choices: int = 8  # engine requests one call may fan out to (OpenAI n x prompts)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the OpenAI view needs to know about the model being served."""
+
+    name: str = "jai"  # TorchServe's model name: OpenAI's ``model``
+    created: int = 0  # Unix time the worker loaded it (OpenAI's model ``created``)
+    context_tokens: int = 256  # block_size: chat history is cut to fit it
+    count_tokens: Callable[[str], int] = len  # the tokenizer's count (len() only in tests without one)
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str  # the text the model continues (chat mode: wrapped), echoed as the seed did
+    """One engine request: the text the model continues and how to sample it."""
+
+    prompt: str  # the text the model continues (chat: wrapped), echoed as the seed did
     params: SamplingParams
     mode: str = "generate"
     stream: bool = False
 
 
-def parse_request(body, defaults: Defaults = Defaults()) -> GenerationRequest:
-    """Validate one request body (raw bytes, or JSON already decoded) into a GenerationRequest."""
+@dataclass
+class Choice:
+    """What the engine has produced so far for one engine request of an exchange."""
+
+    text: str = ""  # generated text; step pieces never split a character
+    unsent: str = ""  # text not yet in a stream chunk
+    unsent_ids: list[int] = field(default_factory=list)  # tokens not yet in a stream chunk
+    steps: int = 0  # engine steps that produced a token for it
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def absorb(self, out) -> None:
+        """Take one engine step's output (jaiserve.engine.StepOutput)."""
+        self.steps += 1
+        self.text += out.text
+        self.unsent += out.text
+        self.unsent_ids += out.token_ids
+        self.finish_reason = out.finish_reason
+        self.prompt_tokens = out.prompt_tokens
+        self.completion_tokens = out.completion_tokens
+
+    def take(self) -> tuple[str, list[int]]:
+        """The text and tokens not yet streamed, now marked as streamed."""
+        text, ids = self.unsent, self.unsent_ids
+        self.unsent, self.unsent_ids = "", []
+        return text, ids
+
+
+class Exchange:
+    """One HTTP call in flight: its engine requests and the response built from their steps.
+
+    The handler adds each engine request's step output with :meth:`add` (``index`` = position in
+    ``requests``); while streaming it sends :meth:`chunk` whenever that is not empty, and once
+    :attr:`finished` it answers :meth:`final`. A call answered without the engine (a model list) has no
+    requests and is finished from the start.
+    """
+
+    content_type = JSON
+
+    def __init__(self, requests: list[GenerationRequest], stream: bool = False):
+        self.requests = tuple(requests)
+        self.stream = stream
+        self.choices = [Choice() for _ in self.requests]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def add(self, index: int, out) -> None:
+        self.choices[index].absorb(out)
+
+    def chunk(self) -> str:
+        """What to stream now ("" = nothing: not streaming, or a character still incomplete)."""
+        return ""
+
+    def final(self) -> str:
+        """The complete body, or a stream's last chunk."""
+        raise NotImplementedError
+
+    def failure(self, status: int, message: str, streaming: bool) -> str:
+        """An error for this call (``streaming``: after chunks have gone out with status 200)."""
+        raise NotImplementedError
+
+
+class Route:
+    """How one ``url_path`` reads requests and writes refusals."""
+
+    def parse(self, body, request_id: str, defaults: Defaults, model: ServedModel) -> Exchange:
+        raise NotImplementedError
+
+    def refusal(self, exc: InvalidRequest) -> str:
+        """The body of a complete error response (status ``exc.status``) in this route's shape."""
+        raise NotImplementedError
+
+
+def route(url_path: str | None) -> Route:
+    """The view for TorchServe's ``url_path`` header: what follows ``/predictions/<model>/<version>/``.
+
+    Empty: the native API. ``v1`` and below: OpenAI's. Anything else: the native shape's 404.
+    """
+    path = (url_path or "").strip("/")
+    if path == "v1" or path.startswith("v1/"):
+        return openai_api.OpenAIRoute(path)
+    return NativeRoute(path)
+
+
+# ----- the native view -----
+
+
+def decode_body(body, example: str = '{"prompt": "..."}') -> dict:
+    """The request body as JSON (raw bytes, or JSON TorchServe already decoded), refused if not an object."""
     if isinstance(body, (bytes, bytearray)):  # raw: TorchServe decodes only valid JSON bodies itself
         try:
             text = body.decode("utf-8")
@@ -58,24 +186,40 @@ def parse_request(body, defaults: Defaults = Defaults()) -> GenerationRequest:
         except json.JSONDecodeError as exc:
             raise InvalidRequest("body", f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
     if body is None:
-        raise InvalidRequest("body", 'is empty; send a JSON object like {"prompt": "..."}')
+        raise InvalidRequest("body", f"is empty; send a JSON object like {example}")
     if not isinstance(body, dict):
         raise InvalidRequest("body", f"must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def check_prompt(prompt, field: str, defaults: Defaults) -> str:
+    if prompt is None:
+        raise InvalidRequest(field, "is required")
+    if not isinstance(prompt, str):
+        raise InvalidRequest(field, f"must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InvalidRequest(field, "must not be empty")
+    if len(prompt) > defaults.max_prompt_chars:
+        raise InvalidRequest(
+            field, f"is {len(prompt)} characters, longer than the limit of {defaults.max_prompt_chars}"
+        )
+    return prompt
+
+
+def sampling_params(**values) -> SamplingParams:
+    try:
+        return SamplingParams(**values)
+    except ParameterError as exc:
+        raise InvalidRequest.from_parameter(exc) from None
+
+
+def parse_request(body, defaults: Defaults = Defaults()) -> GenerationRequest:
+    """Validate one native request body into a GenerationRequest."""
+    body = decode_body(body)
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise InvalidRequest(unknown[0], f"is not a known field (known: {', '.join(FIELDS)})")
-
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise InvalidRequest("prompt", "is required")
-    if not isinstance(prompt, str):
-        raise InvalidRequest("prompt", f"must be a string, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise InvalidRequest("prompt", "must not be empty")
-    if len(prompt) > defaults.max_prompt_chars:
-        raise InvalidRequest(
-            "prompt", f"is {len(prompt)} characters, longer than the limit of {defaults.max_prompt_chars}"
-        )
+    prompt = check_prompt(body.get("prompt"), "prompt", defaults)
     mode = body.get("mode", "generate")
     if mode not in MODES:
         raise InvalidRequest("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -88,17 +232,14 @@ def parse_request(body, defaults: Defaults = Defaults()) -> GenerationRequest:
     if mode == "chat":
         prompt = CHAT_TEMPLATE.format(prompt=prompt)
         stop = (*stop, CHAT_STOP) if isinstance(stop, (list, tuple)) else stop
-    try:
-        params = SamplingParams(
-            max_tokens=body.get("max_tokens", defaults.max_tokens),
-            temperature=body.get("temperature", defaults.temperature),
-            top_k=body.get("top_k", defaults.top_k),
-            top_p=body.get("top_p", defaults.top_p),
-            seed=body.get("seed"),
-            stop=stop,
-        )
-    except ParameterError as exc:
-        raise InvalidRequest(exc.field, exc.problem) from None
+    params = sampling_params(
+        max_tokens=body.get("max_tokens", defaults.max_tokens),
+        temperature=body.get("temperature", defaults.temperature),
+        top_k=body.get("top_k", defaults.top_k),
+        top_p=body.get("top_p", defaults.top_p),
+        seed=body.get("seed"),
+        stop=stop,
+    )
     return GenerationRequest(prompt=prompt, params=params, mode=mode, stream=stream)
 
 
@@ -113,5 +254,62 @@ def completion_body(request: GenerationRequest, generated: str, finish_reason: s
     }
 
 
-def error_body(code: int, message: str, kind: str = "InvalidRequest") -> dict:
-    return {"code": code, "type": kind, "message": message}
+ERROR_TYPES = {400: "InvalidRequest", 404: "NotFound", 500: "InternalServerError", 503: "Draining"}
+
+
+def error_body(code: int, message: str, kind: str | None = None) -> dict:
+    return {"code": code, "type": kind or ERROR_TYPES.get(code, reason_phrase(code)), "message": message}
+
+
+class NativeExchange(Exchange):
+    """``/predictions/jai``: one engine request; NDJSON lines ``{"text", "token_ids"}`` while streaming,
+    then a last line (or the whole body) with the seed's fields."""
+
+    def __init__(self, request: GenerationRequest):
+        super().__init__([request], request.stream)
+        self.content_type = NDJSON if request.stream else JSON
+
+    def chunk(self) -> str:
+        choice = self.choices[0]
+        if not self.stream or not choice.unsent:
+            return ""  # nothing to show yet (a split character, or a non-streamed request)
+        text, ids = choice.take()
+        return dumps({"text": text, "token_ids": ids}) + "\n"
+
+    def final(self) -> str:
+        choice = self.choices[0]
+        body = completion_body(
+            self.requests[0], choice.text, choice.finish_reason, choice.prompt_tokens, choice.completion_tokens
+        )
+        if not self.stream:
+            return dumps(body)
+        text, ids = choice.take()
+        return dumps({"text": text, "token_ids": ids, **body}) + "\n"
+
+    def failure(self, status: int, message: str, streaming: bool) -> str:
+        return dumps(error_body(status, message))  # a stream reader sees a line without "text"
+
+
+class NativeRoute(Route):
+    def __init__(self, path: str = ""):
+        self.path = path
+
+    def parse(self, body, request_id: str, defaults: Defaults, model: ServedModel) -> Exchange:
+        if self.path:
+            raise InvalidRequest(
+                None,
+                f"no route {self.path!r} after /predictions/{model.name}/<version>/ (JAI's API is "
+                f"POST /predictions/{model.name}, OpenAI's is under .../<version>/v1/)",
+                status=404,
+            )
+        return NativeExchange(parse_request(body, defaults))
+
+    def refusal(self, exc: InvalidRequest) -> str:
+        return dumps(error_body(exc.status, str(exc)))
+
+
+def dumps(body: dict) -> str:
+    return json.dumps(body, ensure_ascii=False)
+
+
+from . import openai_api  # noqa: E402  (it builds on the definitions above)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from .int8 import quantize_int8
 from .model import GPT, GPTConfig
 
 # The seed registers each block's causal mask as a buffer; we build masks on the fly instead.
@@ -16,7 +17,7 @@ _SEED_MASK_BUFFER = re.compile(r"^blocks\.\d+\.attn\.bias$")
 _COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key
 _CONFIG_KEYS = ("config", "model_args")
 _CONFIG_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-DTYPES = ("float32", "bfloat16", "int8")  # handler.dtype; int8 = float32 weights, Linear layers quantized
+DTYPES = ("float32", "bfloat16", "int8")  # handler.dtype; int8 = Linear layers quantized (int8.py), rest float32
 
 
 class CheckpointError(ValueError):
@@ -28,7 +29,7 @@ def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32) -> GPT:
 
     The architecture comes from the checkpoint's ``config``/``model_args`` when present, otherwise from
     the tensor shapes; ``n_head`` is used only when the checkpoint does not say. ``dtype`` is a torch
-    dtype or one of ``DTYPES``; ``"int8"`` loads in float32 and then applies ``quantize_int8``.
+    dtype or one of ``DTYPES``; ``"int8"`` loads in float32 and then applies ``int8.quantize_int8``.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -43,16 +44,6 @@ def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32) -> GPT:
     _check_keys_and_shapes(model, state, path)
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def quantize_int8(model: GPT) -> GPT:
-    """Dynamic INT8 quantization of every ``nn.Linear`` (the output head included), as the seed's design
-    doc proposes: weights stored as int8, activations quantized per batch at run time; embeddings,
-    LayerNorms, attention and the KV cache stay float32. CPU only (PyTorch's quantized kernels).
-    """
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError("dtype int8 (dynamic quantization) runs on CPU only; set handler.device: cpu")
-    return torch.ao.quantization.quantize_dynamic(model.float().eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def load_tokenizer(path, vocab_size: int | None = None) -> Tokenizer:

@@ -28,13 +28,8 @@ MARKER = "draining"
 FRONTEND_CLASS = "org.pytorch.serve.ModelServer"  # what TorchServe's own launcher looks for in a pid's command line
 
 
-def draining_body(message: str | None = None) -> dict:
-    """The 503 body of a request refused while draining (same shape as every other error body)."""
-    return {
-        "code": 503,
-        "type": "Draining",
-        "message": message or "this server is draining (shutting down): send the request to another server",
-    }
+# the message of a request refused (503) while draining, in the shape of the route it came by
+DRAINING = "this server is draining (shutting down): send the request to another server"
 
 
 def drain_folder(frontend_pid: int, environ=os.environ) -> Path:

@@ -125,7 +125,7 @@ def _sample_top_k(logits, rows, params, generators, tokens) -> list[bool]:
     if (top_p < 1).any():
         probs = _nucleus_sorted(probs, top_p)
     choice = _draw(probs, [generators[i] for i in rows], [params[i].top_k for i in rows])
-    picked = indices.gather(1, torch.tensor(choice, device=device).unsqueeze(1)).squeeze(1)
+    picked = indices.gather(1, choice.unsqueeze(1)).squeeze(1)
     keep = [j for j, t in enumerate(tied) if not t]
     tokens[[rows[j] for j in keep]] = picked[keep]
     return tied
@@ -146,8 +146,7 @@ def _sample_full(scaled, rows, params, generators, tokens) -> None:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = _nucleus_sorted(sorted_probs, top_p) == 0
         probs = probs.masked_fill(drop.scatter(1, order, drop), 0.0)
-    choice = _draw(probs, [generators[i] for i in rows], [vocab] * len(rows))
-    tokens[rows] = torch.tensor(choice, device=scaled.device)
+    tokens[rows] = _draw(probs, [generators[i] for i in rows], [vocab] * len(rows))
 
 
 def _nucleus_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -157,16 +156,20 @@ def _nucleus_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def _draw(probs: torch.Tensor, generators: list, widths: list[int]) -> list[int]:
-    """One multinomial draw per row. Unseeded rows share one batched call; a seeded row draws from its
-    own generator over exactly its own ``width`` entries, so its random stream does not depend on the
-    batch (torch.multinomial consumes one exponential per entry, whatever the probabilities)."""
-    choice = [0] * len(generators)
+def _draw(probs: torch.Tensor, generators: list, widths: list[int]) -> torch.Tensor:
+    """One draw per row of ``probs`` (R, n), exactly as ``torch.multinomial(probs[j, :widths[j]], 1)``
+    draws it, batched. torch.multinomial races exponentials: it fills one Exp(1) per entry from the
+    generator and takes ``argmax(probs / exponential)``. So a seeded row fills its first ``width``
+    entries from its own generator (the same random stream alone or in any batch), unseeded rows share
+    one fill from the global generator, and one argmax decides every row. Entries past a row's width
+    race 1 against probability 0 and never win."""
+    race = torch.ones_like(probs)
     shared = [j for j, g in enumerate(generators) if g is None]
-    if shared:
-        for j, c in zip(shared, torch.multinomial(probs[shared], 1).squeeze(1).tolist()):
-            choice[j] = c
+    if len(shared) == len(generators):
+        race.exponential_()
+    elif shared:
+        race[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_()
     for j, g in enumerate(generators):
         if g is not None:
-            choice[j] = int(torch.multinomial(probs[j, : widths[j]], 1, generator=g))
-    return choice
+            race[j, : widths[j]].exponential_(generator=g)
+    return (probs / race).argmax(dim=-1)

@@ -15,9 +15,13 @@ class Settings:
     device: str = "auto"  # auto = TorchServe's GPU when it gives one, else cpu
     dtype: str = "float32"  # or bfloat16, or int8 (Linear layers dynamically quantized, CPU only)
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
-    max_prefill_tokens: int = 512  # prompt tokens admitted per step: bounds a step's stall
+    step_budget_ms: float = 25  # continuous batching: engine steps per handle() call, then back to TorchServe
+    max_prefill_tokens: int = 512  # prompt and re-cropped window tokens prefilled per step: bounds a step's stall
+    window_stride: int = 1  # past block_size: re-read the window once per this many tokens (1 = the seed)
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 2048  # longest prompt, in tokens
+    max_choices: int = 8  # engine requests one OpenAI call may fan out to (n x prompts)
+    utf8_safe_sampling: bool = True  # sampled tokens never break a UTF-8 character (jaiserve/utf8.py)
     log_prompt_chars: int = 0  # characters of the prompt in the request log (0: none, it may be personal)
     defaults: dict = field(default_factory=dict)  # request defaults: max_tokens, temperature, top_k, top_p
 

@@ -1,0 +1,71 @@
+"""``dtype: int8``: int8 weights and per-row int8 activations, so a request's logits do not depend on
+its batch-mates.
+
+PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``, the seed design doc's
+proposal) picks one activation scale for the whole input of a Linear: a request decoded next to one
+with larger activations is quantized more coarsely, and its greedy tokens can change with the batch.
+Here each weight row (output channel) has its own scale, and each input row is divided by its own
+largest magnitude before the int8 GEMM, so every input row is quantized on the same fixed grid and
+scaled back afterwards. The integer GEMM sums exactly, so a row's output is bit-for-bit the same
+alone and in any batch (tests/test_int8.py).
+
+The GEMM is fbgemm's (``quantized::linear_dynamic``, x86 CPUs); it derives the activation grid from the
+input's minimum and maximum, so one constant row holding -1 and +1 is appended: with every other row
+inside [-1, 1], the grid is the same whatever the batch. CPU only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .model import GPT
+
+_TINY = torch.finfo(torch.float32).tiny  # an all-zero row keeps a finite scale
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b``: W as int8 with one scale per output channel, x quantized row by row."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scales = weight.abs().amax(dim=1).clamp_min(_TINY) / 127  # symmetric: zero point 0
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are deprecated (for torchao); fbgemm's GEMM needs one
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)  # bias added in float32 below
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        anchor = torch.zeros(1, self.in_features)
+        anchor[0, :2] = torch.tensor([1.0, -1.0])
+        self.register_buffer("_anchor", anchor, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features)
+        scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min(_TINY)  # (M, 1), max |x|
+        unit = torch.cat([rows / scale, self._anchor])  # every row inside [-1, 1], and the anchor spans it
+        # reduce_range: 7-bit activations, as PyTorch's x86 default (fbgemm's AVX2 kernels saturate at 8)
+        y = torch.ops.quantized.linear_dynamic(unit, self._packed, reduce_range=True)[:-1]
+        y = y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Replace every ``nn.Linear`` (the output head included) by an ``Int8Linear``; embeddings,
+    LayerNorms, attention and the KV cache stay float32."""
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("dtype int8 runs on CPU only (fbgemm kernels); set handler.device: cpu")
+    model = model.float().eval()
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, child_name, Int8Linear(child))
+    return model

@@ -1,0 +1,289 @@
+package jaiserve.tspatch;
+
+import java.io.ByteArrayInputStream;
+import java.io.ByteArrayOutputStream;
+import java.io.IOException;
+import java.io.InputStream;
+import java.net.URL;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.List;
+import javassist.CannotCompileException;
+import javassist.ClassPool;
+import javassist.CtBehavior;
+import javassist.CtClass;
+import javassist.CtConstructor;
+import javassist.CtMethod;
+import javassist.CtNewMethod;
+import javassist.LoaderClassPath;
+import javassist.bytecode.CodeAttribute;
+import javassist.bytecode.LocalVariableAttribute;
+import javassist.expr.ExprEditor;
+import javassist.expr.MethodCall;
+
+/**
+ * The three fixes (see Agent's header), each checked against the class file before it is applied:
+ * methods are found by name and descriptor, call sites by owner, name, descriptor, count and order.
+ * Nothing here loads a TorchServe class: Javassist reads the class files through the class loader's
+ * resources and compiles the inserted code against them, so a renamed method or field also refuses.
+ */
+final class Patches {
+    static final String MODEL = "org.pytorch.serve.wlm.Model";
+    static final String BATCHER = "org.pytorch.serve.wlm.ContinuousBatching";
+    /** The `message` JAI's handler passes to send_intermediate_predict_response (handler/jai_handler.py). */
+    static final String INTERMEDIATE = "Intermediate";
+
+    static final String FIX_DESCRIBE = "a describe job is answered once, not re-queued"
+            + " (Model.pollInferJob(Map,int,LinkedBlockingDeque))";
+    static final String FIX_LOCK = "a worker with running requests skips admission instead of waiting"
+            + " for the queue lock (Model.pollInferJob(Map,int))";
+    static final String FIX_INTERMEDIATE = "\"" + INTERMEDIATE + "\" messages are streamed and the worker"
+            + " keeps reading (ContinuousBatching.sendResponse)";
+
+    private static final String DEQUE = "java.util.concurrent.LinkedBlockingDeque";
+    private static final String LOCK = "java.util.concurrent.locks.ReentrantLock";
+    private static final String MAP = "java.util.Map";
+    private static final String JOB = "org.pytorch.serve.job.Job";
+    private static final String POLL_BATCH = "(Ljava/util/Map;ILjava/util/concurrent/LinkedBlockingDeque;)V";
+    private static final String POLL_ADMIT = "(Ljava/util/Map;I)V";
+    private static final String SEND_RESPONSE = "(Lorg/pytorch/serve/util/messages/ModelWorkerResponse;)Z";
+    private static final String RESPONSE = "([BLjava/lang/CharSequence;ILjava/lang/String;Ljava/util/Map;)V";
+    private static final String HELPER = "jaiAnswerIntermediate";
+
+    private Patches() {}
+
+    /** Called by Agent.premain through reflection. Throws Refusal listing every mismatch found. */
+    public static List<Patched> prepare(ClassLoader loader) throws Refusal {
+        ClassPool pool = new ClassPool(false);
+        pool.appendClassPath(new LoaderClassPath(loader));
+        List<String> problems = new ArrayList<>();
+        Patched model = patchModel(pool, problems);
+        Patched batcher = patchBatcher(pool, problems);
+        if (!problems.isEmpty()) {
+            throw new Refusal(String.join("; ", problems));
+        }
+        return Arrays.asList(model, batcher);
+    }
+
+    private static Patched patchModel(ClassPool pool, List<String> problems) {
+        try {
+            byte[] original = classFile(pool, MODEL);
+            CtClass model = pool.makeClass(new ByteArrayInputStream(original));
+            int before = problems.size();
+            attempt(problems, () -> dropFirstDescribeRequeue(model));
+            attempt(problems, () -> skipAdmissionWhenLockTaken(model));
+            if (problems.size() > before) {
+                return null;
+            }
+            // Model loads first (a ContinuousBatching needs one), and premain refuses unless all three
+            // fixes are ready: its line names all three
+            logWhenLoaded(model, Arrays.asList(FIX_DESCRIBE, FIX_LOCK, FIX_INTERMEDIATE));
+            return new Patched(MODEL, original, model.toBytecode(), Arrays.asList(FIX_DESCRIBE, FIX_LOCK));
+        } catch (Refusal e) {
+            problems.add(e.getMessage());
+        } catch (IOException | CannotCompileException | RuntimeException e) {
+            problems.add(MODEL + ": " + e);
+        }
+        return null;
+    }
+
+    private static Patched patchBatcher(ClassPool pool, List<String> problems) {
+        try {
+            byte[] original = classFile(pool, BATCHER);
+            CtClass batcher = pool.makeClass(new ByteArrayInputStream(original));
+            answerIntermediateMessages(batcher);
+            return new Patched(BATCHER, original, batcher.toBytecode(), Arrays.asList(FIX_INTERMEDIATE));
+        } catch (Refusal e) {
+            problems.add(e.getMessage());
+        } catch (IOException | CannotCompileException | RuntimeException e) {
+            problems.add(BATCHER + ": " + e);
+        }
+        return null;
+    }
+
+    /** Fix 1: of the two `jobsQueue.addFirst(j)` calls, the first (first-job branch) becomes a no-op. */
+    private static void dropFirstDescribeRequeue(CtClass model) throws Refusal, CannotCompileException {
+        CtMethod poll = declared(model, "pollInferJob", POLL_BATCH);
+        expectCalls(poll, DEQUE, "addFirst", "(Ljava/lang/Object;)V", 2);
+        // the describe job is already in jobsRepo: leaving it there (and returning) sends it alone
+        replaceCall(poll, DEQUE, "addFirst", "(Ljava/lang/Object;)V", 0, "{ }");
+    }
+
+    /**
+     * Fix 2: `lock.lockInterruptibly()` becomes "wait for the lock only with an empty batch". Returning
+     * from inside the try skips its finally, which only unlocks a held lock: here it is not held.
+     */
+    private static void skipAdmissionWhenLockTaken(CtClass model) throws Refusal, CannotCompileException {
+        CtMethod admit = declared(model, "pollInferJob", POLL_ADMIT);
+        expectCalls(admit, LOCK, "lockInterruptibly", "()V", 1);
+        expectCalls(admit, MODEL, "pollInferJob", POLL_BATCH, 1);
+        // the replacement names the enclosing method's parameter: it needs the local variable table
+        expectParameter(admit, 1, "jobsRepo", "Ljava/util/Map;");
+        replaceCall(admit, LOCK, "lockInterruptibly", "()V", 0,
+                "{ if (jobsRepo.isEmpty()) { $0.lockInterruptibly(); } else if (!$0.tryLock()) { return; } }");
+    }
+
+    /**
+     * Fix 3: an intermediate message answers each prediction whose job is in the batch (skipping ids no
+     * longer there; honouring the client's expiry like the original) and returns false: the worker
+     * thread goes on reading this handle() call's replies. No job leaves the batch here: the final
+     * message, handled by the original code, removes finished and disconnected ones. That code throws on
+     * a prediction whose job is not in the batch (the worker thread then ends and TorchServe restarts the
+     * worker); it is left so: the batch cannot change between a call's request and its final message,
+     * so only a handler answering for a request it was not given reaches it, and that bug should be loud.
+     */
+    private static void answerIntermediateMessages(CtClass batcher) throws Refusal, CannotCompileException {
+        CtMethod send = declared(batcher, "sendResponse", SEND_RESPONSE);
+        // the original as read from 0.12.0: one Job.response call, two removals from the batch
+        expectCalls(send, JOB, "response", RESPONSE, 1);
+        expectCalls(send, MAP, "remove", "(Ljava/lang/Object;)Ljava/lang/Object;", 2);
+        for (CtMethod m : batcher.getDeclaredMethods()) {
+            if (m.getName().equals(HELPER)) {
+                throw new Refusal(BATCHER + " already declares " + HELPER + ": patched twice?");
+            }
+        }
+        batcher.addMethod(CtNewMethod.make(
+                "private boolean " + HELPER + "(org.pytorch.serve.util.messages.ModelWorkerResponse message) {"
+                + "  java.util.Iterator predictions = message.getPredictions().iterator();"
+                + "  while (predictions.hasNext()) {"
+                + "    org.pytorch.serve.util.messages.Predictions prediction ="
+                + "        (org.pytorch.serve.util.messages.Predictions) predictions.next();"
+                + "    org.pytorch.serve.job.Job job = (org.pytorch.serve.job.Job) jobs.get(prediction.getRequestId());"
+                + "    if (job != null) {"
+                + "      if (job.getPayload().getClientExpireTS() > System.currentTimeMillis()) {"
+                + "        job.response(prediction.getResp(), prediction.getContentType(), prediction.getStatusCode(),"
+                + "            prediction.getReasonPhrase(), prediction.getHeaders());"
+                + "      } else {"
+                + "        logger.warn(\"Drop response for inference request {} due to client timeout\","
+                + "            job.getPayload().getRequestId());"
+                + "      }"
+                + "    }"
+                + "  }"
+                + "  return false;"
+                + "}",
+                batcher));
+        send.insertBefore("if ($1.getCode() == 200 && \"" + INTERMEDIATE + "\".equals($1.getMessage())) {"
+                + " return " + HELPER + "($1); }");
+    }
+
+    /** One line in logs/ts_log.log, through Model's own logger, when the JVM initializes Model. */
+    private static void logWhenLoaded(CtClass model, List<String> fixes) throws CannotCompileException {
+        CtConstructor init = model.getClassInitializer();
+        if (init == null) {
+            init = model.makeClassInitializer();
+        }
+        String line = Agent.NAME + ": " + fixes.size() + " fixes to TorchServe's continuous batcher: "
+                + String.join("; ", fixes);
+        init.insertAfter("org.slf4j.LoggerFactory.getLogger(\"" + MODEL + "\").info(\""
+                + line.replace("\\", "\\\\").replace("\"", "\\\"") + "\");");
+    }
+
+    // ----- checks -----
+
+    private static CtMethod declared(CtClass cls, String name, String descriptor) throws Refusal {
+        for (CtMethod m : cls.getDeclaredMethods()) {
+            if (m.getName().equals(name) && m.getSignature().equals(descriptor)) {
+                return m;
+            }
+        }
+        throw new Refusal("expected method " + cls.getName() + "." + name + descriptor + ", not found");
+    }
+
+    private static void expectCalls(CtBehavior in, String owner, String name, String descriptor, int count)
+            throws Refusal, CannotCompileException {
+        List<Integer> lines = new ArrayList<>();
+        in.instrument(new ExprEditor() {
+            @Override
+            public void edit(MethodCall call) {
+                if (matches(call, owner, name, descriptor)) {
+                    lines.add(call.getLineNumber());
+                }
+            }
+        });
+        if (lines.size() != count) {
+            throw new Refusal("expected " + count + " call(s) to " + shortName(owner) + "." + name
+                    + " in " + describe(in) + ", found " + lines.size());
+        }
+    }
+
+    private static void expectParameter(CtMethod m, int slot, String name, String descriptor) throws Refusal {
+        CodeAttribute code = m.getMethodInfo().getCodeAttribute();
+        LocalVariableAttribute table = code == null ? null
+                : (LocalVariableAttribute) code.getAttribute(LocalVariableAttribute.tag);
+        if (table != null) {
+            for (int i = 0; i < table.tableLength(); i++) {
+                if (table.index(i) == slot && table.startPc(i) == 0) {
+                    if (table.variableName(i).equals(name) && table.descriptor(i).equals(descriptor)) {
+                        return;
+                    }
+                    throw new Refusal("expected parameter " + name + " " + descriptor + " in " + describe(m)
+                            + ", found " + table.variableName(i) + " " + table.descriptor(i));
+                }
+            }
+        }
+        throw new Refusal("expected a local variable table naming parameter " + name + " in " + describe(m)
+                + " (classes compiled with debug information), found none");
+    }
+
+    // ----- edits -----
+
+    private static void replaceCall(CtBehavior in, String owner, String name, String descriptor, int index,
+            String source) throws CannotCompileException {
+        in.instrument(new ExprEditor() {
+            private int seen;
+
+            @Override
+            public void edit(MethodCall call) throws CannotCompileException {
+                if (matches(call, owner, name, descriptor) && seen++ == index) {
+                    call.replace(source);
+                }
+            }
+        });
+    }
+
+    // ----- helpers -----
+
+    private interface Step {
+        void run() throws Refusal, CannotCompileException;
+    }
+
+    /** Runs one fix; a mismatch is recorded and the other fixes are still checked (one line names all). */
+    private static void attempt(List<String> problems, Step step) {
+        try {
+            step.run();
+        } catch (Refusal e) {
+            problems.add(e.getMessage());
+        } catch (CannotCompileException | RuntimeException e) {
+            problems.add(e.toString());
+        }
+    }
+
+    private static boolean matches(MethodCall call, String owner, String name, String descriptor) {
+        return call.getClassName().equals(owner) && call.getMethodName().equals(name)
+                && call.getSignature().equals(descriptor);
+    }
+
+    /** The class file as the class path holds it, read as a resource: the class itself is not loaded. */
+    private static byte[] classFile(ClassPool pool, String className) throws Refusal, IOException {
+        URL url = pool.find(className);
+        if (url == null) {
+            throw new Refusal("expected class " + className + " on the class path, not found");
+        }
+        try (InputStream in = url.openStream()) {
+            ByteArrayOutputStream out = new ByteArrayOutputStream();
+            byte[] buffer = new byte[16384];
+            for (int n; (n = in.read(buffer)) > 0; ) {
+                out.write(buffer, 0, n);
+            }
+            return out.toByteArray();
+        }
+    }
+
+    private static String describe(CtBehavior b) {
+        return b.getDeclaringClass().getName() + "." + b.getName() + b.getSignature();
+    }
+
+    private static String shortName(String className) {
+        return className.substring(className.lastIndexOf('.') + 1);
+    }
+}
