@@ -76,7 +76,10 @@ def test_a_worker_finds_its_frontends_folder_and_a_test_process_finds_none(tmp_p
 
 # ----- the handler with a fake TorchServe context -----
 
-YAML = {"batchSize": 4, "handler": {"n_head": 2, "threads": 1, "defaults": {"max_tokens": 6, "temperature": 0}}}
+YAML = {  # one engine step per handle() call (step_budget_ms 0), so a call leaves requests running
+    "batchSize": 4,
+    "handler": {"n_head": 2, "threads": 1, "step_budget_ms": 0, "defaults": {"max_tokens": 6, "temperature": 0}},
+}
 
 
 @pytest.fixture(scope="module")
