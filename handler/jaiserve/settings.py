@@ -15,7 +15,7 @@ class Settings:
     device: str = "auto"  # auto = TorchServe's GPU when it gives one, else cpu
     dtype: str = "float32"  # or bfloat16, or int8 (Linear layers dynamically quantized, CPU only)
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
-    step_budget_ms: float = 10  # continuous batching: engine steps per handle() call, then back to TorchServe
+    step_budget_ms: float = 50  # continuous batching: engine steps per handle() call, then back to TorchServe
     max_prefill_tokens: int = 512  # prompt and re-cropped window tokens prefilled per step: bounds a step's stall
     window_stride: int = 1  # past block_size: re-read the window once per this many tokens (1 = the seed)
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
