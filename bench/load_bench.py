@@ -40,7 +40,7 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests"), str(ROOT)]
 
 from reference_gpt import ReferenceGPT  # noqa: E402
 from ts_launcher import archive, running_torchserve  # noqa: E402

@@ -60,7 +60,7 @@ def instance_config(base: str, ports: dict[str, int]) -> str:
     for name in ("grpc_inference", "grpc_management"):
         config = re.sub(rf"^{name}_port=.*$", f"{name}_port={ports[name]}", config, flags=re.M)
     config = re.sub(r"^disable_token_authorization=.*$", "disable_token_authorization=true", config, flags=re.M)
-    config = re.sub(r"^vmargs=(.*)$", lambda m: "vmargs=" + absolute_paths(m[1]), config, flags=re.M)
+    config = absolute_javaagent(config)
     settings = [line for line in config.splitlines() if line and not line.startswith("#")]
     for key in ("inference_address", "management_address", "metrics_address", "grpc_inference_port",
                 "grpc_management_port", "disable_token_authorization"):  # a key the repo's file lost
@@ -69,13 +69,19 @@ def instance_config(base: str, ports: dict[str, int]) -> str:
     return config
 
 
-def absolute_paths(vmargs: str) -> str:
-    """-javaagent:relative/agent.jar (relative to the repo root, where `make serve` runs) made absolute."""
-    def fix(match):
-        path = Path(match[2])
-        return match[1] + str(path if path.is_absolute() else ROOT / path)
+def absolute_javaagent(config: str) -> str:
+    """config.properties names the patch agent's jar (torchserve-patch/) relative to the repo root, where
+    torchserve normally starts; a server started in another folder (an instance here, a test's scratch
+    folder) needs the absolute path."""
 
-    return re.sub(r"(-javaagent:)([^=\s]+)", fix, vmargs)
+    def absolute(match):
+        path, equals, options = match.group(1).partition("=")
+        path = Path(path) if Path(path).is_absolute() else ROOT / path
+        if re.search(r"\s", str(path)):  # the launcher splits vmargs on whitespace
+            raise RuntimeError(f"{path}: vmargs cannot name a path with spaces; move the checkout")
+        return f"-javaagent:{path}{equals}{options}"
+
+    return re.sub(r"^vmargs=.*$", lambda m: re.sub(r"-javaagent:(\S+)", absolute, m.group(0)), config, flags=re.M)
 
 
 class Layout:

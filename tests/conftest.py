@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny model (fast unit tests), the seed's full default shape, a Korean tokenizer."""
 
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,6 +69,15 @@ def korean_tokenizer():
     tokenizer.train_from_iterator(KOREAN_TEXT * 3, trainer)
     tokenizer.add_tokens(["[QUESTION]", "[/QUESTION]", "[ANSWER]", "[/ANSWER]"])
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_ckpt, korean_tokenizer):
+    """What a model archive unpacks to for the tiny model: ckpt.pt and tokenizer.json (handler tests)."""
+    directory = tmp_path_factory.mktemp("tiny_model_dir")
+    shutil.copy(tiny_ckpt[0], directory / "ckpt.pt")
+    korean_tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ tests/test_scaleout.py drains real servers."""
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,11 +82,8 @@ YAML = {  # one engine step per handle() call (step_budget_ms 0), so a call leav
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_ckpt, korean_tokenizer):
-    directory = tmp_path_factory.mktemp("drain_model")
-    shutil.copy(tiny_ckpt[0], directory / "ckpt.pt")
-    korean_tokenizer.save(str(directory / "tokenizer.json"))
-    return directory
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def draining_handler(model_dir, folder, continuous):

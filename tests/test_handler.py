@@ -1,7 +1,6 @@
 """The TorchServe handler driven with a small fake context, no server (like pytorch/serve's unit tests)."""
 
 import json
-import shutil
 from typing import NamedTuple
 
 import pytest
@@ -24,11 +23,8 @@ YAML = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_ckpt, korean_tokenizer):
-    directory = tmp_path_factory.mktemp("model_dir")
-    shutil.copy(tiny_ckpt[0], directory / "ckpt.pt")
-    korean_tokenizer.save(str(directory / "tokenizer.json"))
-    return directory
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def make_handler(model_dir, **yaml_changes):

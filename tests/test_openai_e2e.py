@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from ts_launcher import ROOT, _free_ports
+from ts_launcher import ROOT, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -142,7 +142,7 @@ def nginx(ts_server, tmp_path_factory):
         message = "nginx not installed (apt-get install nginx; `make test` installs it as root)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     root = tmp_path_factory.mktemp("nginx")
-    [port] = _free_ports(1)
+    [port] = free_ports(1)
     site = (ROOT / "deploy" / "nginx" / "jai.conf").read_text()
     site = site.replace("server 127.0.0.1:8080;", f"server {ts_server.inference.removeprefix('http://')};")
     site = re.sub(r"listen 8000;", f"listen 127.0.0.1:{port};", site)

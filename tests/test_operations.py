@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from ts_launcher import BIN, ROOT, _free_ports, absolute_javaagent, archive, running_torchserve
+from ts_launcher import BIN, ROOT, free_ports, absolute_javaagent, archive, running_torchserve
 
 pytestmark = pytest.mark.e2e
 
@@ -233,7 +233,7 @@ def scratch_deployment(root: Path) -> Path:
     """``root`` as a deployment folder: the repo's config.properties with every port moved to a free one
     (and the patch agent named by its absolute path), metrics.yaml beside it; the caller archives into
     root/model_store."""
-    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), _free_ports(5)))
+    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), free_ports(5)))
     config = (ROOT / "config.properties").read_text()
     config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m[1]]}", config)
     config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m[1]}={ports[m[2]]}", config, flags=re.M)
@@ -336,7 +336,7 @@ def prometheus(ts_server, tmp_path):
     [job] = config["scrape_configs"]
     job["static_configs"] = [{"targets": [ts_server.metrics.removeprefix("http://")]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    [port] = _free_ports(1)
+    [port] = free_ports(1)
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "prometheus.log", "w") as log:
         process = subprocess.Popen(

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from ts_launcher import ROOT, _free_ports
+from ts_launcher import ROOT, free_ports
 
 
 def test_pip_install_gives_the_client_and_its_command(tmp_path):
@@ -28,7 +28,7 @@ def test_pip_install_gives_the_client_and_its_command(tmp_path):
     usage = subprocess.run([target / "bin" / "jaiserve", "--help"], cwd=elsewhere, env=env, capture_output=True,
                            text=True)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: jaiserve ")
-    [port] = _free_ports(1)
+    [port] = free_ports(1)
     down = subprocess.run([target / "bin" / "jaiserve", "--url", f"http://127.0.0.1:{port}", "health"],
                           cwd=elsewhere, env=env, capture_output=True, text=True)
     assert down.returncode == 1 and down.stderr.startswith(f"error: cannot reach http://127.0.0.1:{port}")

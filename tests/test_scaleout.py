@@ -27,8 +27,7 @@ import requests
 import torch
 
 from conftest import TINY
-from scripts.multi import absolute_paths
-from ts_launcher import BIN, ROOT, _free_ports, archive
+from ts_launcher import BIN, ROOT, absolute_javaagent, archive, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -91,11 +90,11 @@ def finish(lines) -> dict:
 
 def test_serve_sh_stop_drains_running_requests_and_refuses_new_ones(tmp_path, tiny_archive):
     """Token auth on (the shipped config): drain reads the management key to see the job queue."""
-    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), _free_ports(5)))
+    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), free_ports(5)))
     config = (ROOT / "config.properties").read_text()
     config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m[1]]}", config)
     config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m[1]}={ports[m[2]]}", config, flags=re.M)
-    config = re.sub(r"^vmargs=(.*)$", lambda m: "vmargs=" + absolute_paths(m[1]), config, flags=re.M)  # agent jars
+    config = absolute_javaagent(config)  # agent jars
     (tmp_path / "config.properties").write_text(config)
     shutil.copy(ROOT / "metrics.yaml", tmp_path / "metrics.yaml")
     (tmp_path / "model_store").mkdir()
@@ -160,7 +159,7 @@ HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.sh"
 def test_the_image_entry_script_serves_and_drains_on_sigterm(tmp_path, tiny_archive):
     """What `docker run` and the pod run: pack the archive from a checkpoint with a model config (the
     ConfigMap's role), serve in the foreground, report health, and on SIGTERM drain before stopping."""
-    ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), _free_ports(5)))
+    ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), free_ports(5)))
     container = (ROOT / "deploy" / "docker" / "container.properties").read_text()
     overrides = re.sub(r"http://[\d.]+:(\d+)", lambda m: {"8080": f"http://127.0.0.1:{ports['inference']}",
                        "8081": f"http://127.0.0.1:{ports['management']}",
@@ -244,7 +243,7 @@ def cluster(tmp_path_factory, tiny_archive):
         message = "haproxy not installed (apt-get install haproxy; `make test` installs it as root)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     folder = tmp_path_factory.mktemp("multi")
-    [port] = _free_ports(1)
+    [port] = free_ports(1)
     cluster = Cluster(folder, f"http://127.0.0.1:{port}", "")
     try:
         cluster.multi("--instances", "2", "--listen", f"127.0.0.1:{port}", "--archive", str(tiny_archive), "start")

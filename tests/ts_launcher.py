@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -19,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+# shared with scripts/multi.py, which starts instances outside the repo root too; tests import them from here
+from scripts.multi import absolute_javaagent, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
@@ -67,30 +69,6 @@ def archive(root: Path, checkpoint, tokenizer, config_file=None) -> Path:
     return root / "model_store" / "jai.mar"
 
 
-def absolute_javaagent(config: str) -> str:
-    """config.properties names the patch agent's jar (torchserve-patch/) relative to the repo root, where
-    torchserve normally starts; a server started in another folder needs the absolute path."""
-
-    def absolute(match):
-        path, equals, options = match.group(1).partition("=")
-        path = Path(path) if Path(path).is_absolute() else ROOT / path
-        if re.search(r"\s", str(path)):  # the launcher splits vmargs on whitespace
-            raise RuntimeError(f"{path}: vmargs cannot name a path with spaces; move the checkout")
-        return f"-javaagent:{path}{equals}{options}"
-
-    return re.sub(r"^vmargs=.*$", lambda m: re.sub(r"-javaagent:(\S+)", absolute, m.group(0)), config, flags=re.M)
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _alive(pid_file: Path) -> bool:
     """Whether the torchserve that wrote ``pid_file`` still runs (it exits at once on a port clash)."""
     try:
@@ -104,7 +82,7 @@ def _alive(pid_file: Path) -> bool:
 def running_torchserve(root: Path, start_timeout: float = 180):
     """Serve ``root/model_store/jai.mar`` with the repo's config.properties; always stop it."""
     root = Path(root)
-    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), _free_ports(5)))
+    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), free_ports(5)))
     config = (ROOT / "config.properties").read_text()
     config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m.group(1)]}", config)
     config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m.group(1)}={ports[m.group(2)]}", config, flags=re.M)
