@@ -4,7 +4,8 @@
 
 Sections (all by default), each printed as a markdown table and written to bench/results/engine.json:
 - throughput: the seed's no-cache reference (one stream), the baseline engine (this package as of git
-  BASELINE_REV, loaded from git) and this engine, float32 and int8, at 1/4/16/64 concurrent requests;
+  BASELINE_REV, loaded from git) and this engine, float32 (oneDNN-packed and torch's nn.Linear) and
+  int8, at 1/4/16/64 concurrent requests;
 - window: per ``window_stride``, what decoding past block_size costs (4 requests whose context is past
   the window) and what it changes on the demo model (greedy tokens against stride 1, perplexity on a
   stream of demo-corpus documents);
@@ -127,8 +128,14 @@ def throughput(checkpoint: Path, args, device, baseline) -> list[dict]:
     rows = []
     engines = [("this engine", None)] + ([("baseline engine", baseline)] if baseline else [])
     for (name, package), dtype in itertools.product(engines, args.dtypes):
-        loader, sampling = (package.load_model, package.SamplingParams) if package else (load_model, SamplingParams)
-        model = loader(checkpoint, device=device, dtype=dtype)
+        if package:  # the baseline knows no cpu_linear: its float32 is torch's nn.Linear
+            if dtype == "float32-aten":
+                continue
+            model, sampling = package.load_model(checkpoint, device=device, dtype=dtype), package.SamplingParams
+        else:
+            torch_dtype, _, cpu_linear = dtype.partition("-")  # float32-aten: torch's nn.Linear, not packed
+            model = load_model(checkpoint, device=device, dtype=torch_dtype, cpu_linear=cpu_linear or "onednn")
+            sampling = SamplingParams
         for n in args.concurrency:
             engine = make_engine(model, n, package)
             engine.generate(random_prompts(1, PROMPT_TOKENS), [sampling(max_tokens=4)])  # warm-up
@@ -380,7 +387,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "int8"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float32-aten", "int8"],
+                        help="float32 = Linear layers packed for oneDNN, float32-aten = torch's nn.Linear")
     parser.add_argument("--strides", type=int, nargs="+", default=list(STRIDES))
     parser.add_argument("--baseline", default=BASELINE_REV, help="git revision of the baseline engine ('' = none)")
     parser.add_argument("--device", default="auto")
@@ -395,7 +403,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if device.type != "cpu":
-        args.dtypes = [d for d in args.dtypes if d != "int8"]  # fbgemm: CPU only
+        args.dtypes = [d for d in args.dtypes if d in ("float32", "bfloat16")]  # fbgemm, oneDNN: CPU only
     began = time.perf_counter()
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

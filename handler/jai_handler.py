@@ -36,8 +36,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from jaiserve import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
 from jaiserve.api import JSON, Defaults, Exchange, GenerationRequest, InvalidRequest, ServedModel, reason_phrase, route
-from jaiserve.checkpoint import quantize_int8
 from jaiserve.drain import DRAINING, DrainState
+from jaiserve.packed import linear_kernels
 from jaiserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -77,11 +77,9 @@ class JAIHandler(BaseHandler):
             torch.set_num_threads(self.settings.threads)
         self.device = self._device(properties)
         checkpoint = model_dir / self.settings.checkpoint
-        int8 = self.settings.dtype == "int8"  # load float32, count parameters, then quantize the Linears
-        model = load_model(checkpoint, self.settings.n_head, self.device, "float32" if int8 else self.settings.dtype)
-        parameters = model.num_parameters()
-        if int8:
-            model = quantize_int8(model)
+        model = load_model(
+            checkpoint, self.settings.n_head, self.device, self.settings.dtype, cpu_linear=self.settings.cpu_linear
+        )
         tokenizer = load_tokenizer(model_dir / self.settings.tokenizer, model.config.vocab_size)
         self.engine = Engine(
             model,
@@ -95,7 +93,8 @@ class JAIHandler(BaseHandler):
         self.description = {
             "device": str(self.device),
             "dtype": self.settings.dtype,
-            "parameters": parameters,
+            "parameters": model.num_parameters(),
+            "linear_kernels": linear_kernels(model),
             "vocab_size": model.config.vocab_size,
             "block_size": model.config.block_size,
             "n_layer": model.config.n_layer,

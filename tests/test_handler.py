@@ -95,6 +95,7 @@ def test_describe_handle_reports_the_model(handler, tiny_ckpt):
     assert described["vocab_size"] == 512 and described["block_size"] == 32
     assert described["parameters"] == load_model(tiny_ckpt[0], n_head=2).num_parameters()
     assert len(described["checkpoint_sha256"]) == 64 and described["max_batch"] == 4
+    assert described["linear_kernels"] == "onednn"  # model-config.yaml's default cpu_linear
 
 
 def test_generate_and_chat_answer_the_seed_fields(handler, model_dir):

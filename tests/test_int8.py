@@ -21,6 +21,12 @@ def int8_model(tiny_ckpt):
     return load_model(tiny_ckpt[0], n_head=2, dtype="int8")
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt):
+    """The float32 model int8 starts from: torch's own nn.Linear layers, not the oneDNN-packed ones."""
+    return load_model(tiny_ckpt[0], n_head=2, cpu_linear="aten")
+
+
 def test_every_linear_is_quantized_and_the_rest_stays_float32(int8_model, tiny_model):
     linears = [name for name, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)]
     quantized = {name: m for name, m in int8_model.named_modules() if name in linears}
@@ -113,6 +119,7 @@ def test_handler_serves_dtype_int8(tmp_path, tiny_ckpt, korean_tokenizer, tiny_m
     handler.initialize(context)
     described = json.loads(handler.describe_handle())
     assert described["dtype"] == "int8" and described["parameters"] == tiny_model.num_parameters()
+    assert described["linear_kernels"] == "int8"
     assert isinstance(handler.engine.model.head, Int8Linear)
     body = {"prompt": "서울 채용", "max_tokens": 6, "temperature": 0}
     context.request_ids = {0: "a"}

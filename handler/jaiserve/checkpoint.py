@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from .int8 import quantize_int8
 from .model import GPT, GPTConfig
+from .packed import CPU_LINEARS, pack_linears
 
 # The seed registers each block's causal mask as a buffer; we build masks on the fly instead.
 _SEED_MASK_BUFFER = re.compile(r"^blocks\.\d+\.attn\.bias$")
@@ -24,18 +25,22 @@ class CheckpointError(ValueError):
     """A checkpoint or tokenizer file that cannot serve this model; the message says why."""
 
 
-def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32) -> GPT:
+def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32, cpu_linear: str = "onednn") -> GPT:
     """Build a GPT from ``path`` (``{"model": state_dict}``, a bare state dict, or nanoGPT-style).
 
     The architecture comes from the checkpoint's ``config``/``model_args`` when present, otherwise from
     the tensor shapes; ``n_head`` is used only when the checkpoint does not say. ``dtype`` is a torch
     dtype or one of ``DTYPES``; ``"int8"`` loads in float32 and then applies ``int8.quantize_int8``.
+    ``cpu_linear`` is one of ``CPU_LINEARS``: float32 on CPU packs its Linear layers for oneDNN
+    (``packed.py``) unless it is ``"aten"``.
     """
+    if cpu_linear not in CPU_LINEARS:
+        raise ValueError(f"cpu_linear must be one of {CPU_LINEARS}, got {cpu_linear!r}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if dtype == "int8":
-            return quantize_int8(load_model(path, n_head, device, torch.float32))
+            return quantize_int8(load_model(path, n_head, device, torch.float32, cpu_linear="aten"))
         dtype = getattr(torch, dtype)
     path = Path(path)
     state, stored_config = _read_state_dict(path)
@@ -43,7 +48,8 @@ def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32) -> GPT:
     model = GPT(config)
     _check_keys_and_shapes(model, state, path)
     model.load_state_dict(state)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    return pack_linears(model) if cpu_linear == "onednn" else model
 
 
 def load_tokenizer(path, vocab_size: int | None = None) -> Tokenizer:

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .model import GPT
+from .packed import PackedLinear
 
 _TINY = torch.finfo(torch.float32).tiny  # an all-zero row keeps a finite scale
 
@@ -63,6 +64,8 @@ def quantize_int8(model: GPT) -> GPT:
     LayerNorms, attention and the KV cache stay float32."""
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("dtype int8 runs on CPU only (fbgemm kernels); set handler.device: cpu")
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        raise ValueError("int8 quantizes nn.Linear layers: load the model with cpu_linear='aten'")
     model = model.float().eval()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

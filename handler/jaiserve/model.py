@@ -33,6 +33,14 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def num_parameters(self) -> int:
+        """Weights of the model this config describes, counted from its shapes (whatever dtype or
+        packed layout the Linear layers are later given)."""
+        C, V = self.n_embd, self.vocab_size
+        block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)  # 2 LNs, attn, MLP
+        return V * C + self.block_size * C + self.n_layer * block + 2 * C + V * C  # tok_emb, pos_emb, ln_f, head
+
 
 class KVCache:
     """Keys and values of every cached token, preallocated and written by position.
@@ -155,4 +163,4 @@ class GPT(nn.Module):
         return self.head(self.hidden(idx, positions))
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return self.config.num_parameters
