@@ -5,7 +5,7 @@ forwards:
 - *decode*: one token for every request with room in its cache row, rows 0..B-1 in one forward;
 - *prefill*: newly admitted prompts and re-cropped windows, packed end to end into one sequence (no
   padding), written to their cache rows; at most ``max_prefill_tokens`` a step (always one item), so
-  one step's stall is bounded. The oldest waiting work goes first.
+  one step's stall is bounded. New prompts go before re-cropped windows (see ``_take_prefill_work``).
 
 Past the window: the model has ``block_size`` positions. When a request's context outgrows its cache
 row, the seed crops the context to its last ``block_size`` tokens and re-reads them at positions
@@ -78,7 +78,6 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None
     stop_ids: frozenset[int]
     cached: int = 0  # positions of this request written to its cache row
-    queued_at: int = 0  # step at which it began waiting for prefill (admission or a re-crop)
     text: str = ""  # generated text, decoded cleanly so far
     emitted: int = 0  # characters of ``text`` already handed out
     finish_reason: str | None = None
@@ -124,7 +123,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.rows: list[_Request] = []  # index = KV cache row
         self.full: deque[_Request] = deque()  # cache row full: waiting for a re-prefill, oldest first
-        self.steps = 0  # steps run; orders prefill work by how long it has waited
+        self.steps = 0  # steps run
 
     # ----- requests in and out -----
 
@@ -164,7 +163,6 @@ class Engine:
                 generator=generator,
                 detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
                 stop_ids=frozenset(stop_ids),
-                queued_at=self.steps,
             )
         )
 
@@ -255,17 +253,19 @@ class Engine:
         return self.rows[: len(decoding)]
 
     def _take_prefill_work(self) -> list[_Request]:
-        """Re-crops of full rows and admissions of waiting requests, oldest first, within the step's
-        prefill budget (the first item always goes, so a step always makes progress)."""
+        """Admissions of waiting requests, then re-crops of full rows, each in arrival order, within the
+        step's prefill budget (the first item always goes, so a step always makes progress).
+
+        Admissions go first: a waiting request has streamed nothing yet and its time to first token
+        waits on this, while a request past the window already streams and only skips a step. Re-crops
+        cannot starve: admissions stop when the cache rows are taken.
+        """
         taken, budget = [], self.max_prefill_tokens
         while True:
-            recrop = self.full[0] if self.full else None
-            has_slot = self.waiting and len(self.rows) < self.max_batch
-            admit = self.waiting[0] if has_slot else None
-            if admit is not None and (recrop is None or admit.queued_at <= recrop.queued_at):
-                req, queue = admit, self.waiting
-            elif recrop is not None:
-                req, queue = recrop, self.full
+            if self.waiting and len(self.rows) < self.max_batch:
+                req, queue = self.waiting[0], self.waiting
+            elif self.full:
+                req, queue = self.full[0], self.full
             else:
                 break
             cost = len(req.context) - self._window_start(req)
@@ -287,7 +287,6 @@ class Engine:
         """Running requests whose cache row is now full wait for a re-prefill, from this step on."""
         for req in requests:
             if req.finish_reason is None and req.cached == self.config.block_size:
-                req.queued_at = self.steps
                 self.full.append(req)
 
     def _retire(self, finished: list[_Request]) -> None:
