@@ -17,12 +17,15 @@ server, one after the other at each concurrency: ``POST /predictions/jai`` (NDJS
 The model is the seed's full default shape (24000/256/6/6/384) with random weights and a synthetic
 24000-token tokenizer (every token decodes to a few ASCII letters, so every token is one stream line),
 served from the repo's config.properties and model-config.yaml (batching keys overridden per mode) on
-free ports. Writes bench/results/load.json. The machine is shared: compare modes within one run.
+free ports. Every configuration's server is started first and each concurrency level then runs on each
+server in turn, so modes are compared minutes apart. Writes bench/results/load.json. The machine is
+shared: compare modes within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import random
@@ -224,31 +227,36 @@ def main() -> None:
         checkpoint, tokenizer = make_bench_model(scratch)
         base = yaml.safe_load((ROOT / "model-config.yaml").read_text())
         budgets = args.budgets if args.budgets != [None] else [base["handler"].get("step_budget_ms", 25)]
-        for n, (label, overrides) in enumerate(configurations(args.modes, budgets)):
-            root = scratch / f"server{n}"
-            root.mkdir()
-            config = {**base, **overrides, "batchSize": args.batch_size,
-                      "handler": {**base["handler"], **overrides.get("handler", {})}}
-            (root / "model-config.yaml").write_text(yaml.safe_dump(config))
-            archive(root, checkpoint, tokenizer, root / "model-config.yaml")
-            with running_torchserve(root) as server:
+        with contextlib.ExitStack() as stack:  # every server up at once; only one is loaded at a time
+            servers = []
+            for n, (label, overrides) in enumerate(configurations(args.modes, budgets)):
+                root = scratch / f"server{n}"
+                root.mkdir()
+                config = {**base, **overrides, "batchSize": args.batch_size,
+                          "handler": {**base["handler"], **overrides.get("handler", {})}}
+                (root / "model-config.yaml").write_text(yaml.safe_dump(config))
+                archive(root, checkpoint, tokenizer, root / "model-config.yaml")
+                server = stack.enter_context(running_torchserve(root))
                 for route in args.routes:
                     run_level(server, 1, 1, 8, stream, route=route)  # warm-up
-                for clients in args.clients:
-                    for route in args.routes:
-                        row = {"mode": label, "route": route, "stream": stream,
-                               **run_level(server, clients, args.requests_per_client, args.tokens, stream,
-                                           route=route)}
-                        rows.append(row)
-                        print(f"  {label:18s} {route:6s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
-                              f"ttft p50 {row['ttft_ms_p50']:7.0f} ms", file=sys.stderr)
-                for route in args.routes if args.mixed_clients else ():
-                    row = {"mode": label, "route": route, "stream": stream, "mixed": True,
-                           **run_level(server, args.mixed_clients, args.requests_per_client, MIXED_TOKENS, stream,
-                                       spread=2.0, route=route)}
+                servers.append((label, server))
+            # each concurrency level runs on every server in turn: the modes compare minutes apart, not a
+            # whole run apart (this shared machine's speed drifts by 10-20% over half an hour)
+            for clients in args.clients:
+                for (label, server), route in itertools.product(servers, args.routes):
+                    row = {"mode": label, "route": route, "stream": stream,
+                           **run_level(server, clients, args.requests_per_client, args.tokens, stream, route=route)}
                     rows.append(row)
-                    print(f"  {label:18s} {route:6s} mixed {args.mixed_clients} clients "
-                          f"{row['tokens_per_s']:7.1f} tokens/s ttft p99 {row['ttft_ms_p99']:7.0f} ms", file=sys.stderr)
+                    print(f"  {label:18s} {route:6s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
+                          f"ttft p50 {row['ttft_ms_p50']:7.0f} ms", file=sys.stderr)
+            for (label, server), route in itertools.product(servers, args.routes if args.mixed_clients else ()):
+                row = {"mode": label, "route": route, "stream": stream, "mixed": True,
+                       **run_level(server, args.mixed_clients, args.requests_per_client, MIXED_TOKENS, stream,
+                                   spread=2.0, route=route)}
+                rows.append(row)
+                print(f"  {label:18s} {route:6s} mixed {args.mixed_clients} clients "
+                      f"{row['tokens_per_s']:7.1f} tokens/s ttft p99 {row['ttft_ms_p99']:7.0f} ms", file=sys.stderr)
+    rows.sort(key=lambda r: [label for label, _ in configurations(args.modes, budgets)].index(r["mode"]))
     print(f"\nClosed loop, {args.tokens} tokens/request, {'streamed' if stream else 'not streamed'}, "
           f"batchSize {args.batch_size}, full default shape, float32\n")
     print("| batcher | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | latency p50 / p99 (ms) |")

@@ -9,7 +9,7 @@ In one run, on this machine:
   into --demo-dir): greedy agreement over the first 64 tokens of 50 chat questions (half of them about
   city/role pairs the demo never saw together) and perplexity on held-out documents;
 - a real torchserve per configuration (dtype float32 / bfloat16 / int8 x 1 worker with 2 threads or
-  2 workers with 1 thread each; default batcher, batchSize 32, streamed, random weights at the full
+  2 workers with 1 thread each; the shipped batcher, batchSize 32, streamed, random weights at the full
   default shape) under bench/load_bench.py's closed loop at each client count; start-up time (from
   `torchserve --start` to the first answer) and resident memory per worker; archive sizes.
 Writes bench/results/report.json and bench/results/report.png and prints markdown tables. Takes about
@@ -165,7 +165,8 @@ def quality(demo_dir: Path) -> dict:
 
 def model_config(dtype: str, workers: int, threads: int) -> dict:
     config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
-    config.update(minWorkers=workers, maxWorkers=workers, batchSize=BATCH_SIZE, continuousBatching=False)
+    # the shipped batcher (continuousBatching and step_budget_ms from model-config.yaml)
+    config.update(minWorkers=workers, maxWorkers=workers, batchSize=BATCH_SIZE)
     config["handler"] = {**config["handler"], "dtype": dtype, "threads": threads}
     return config
 
