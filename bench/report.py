@@ -9,7 +9,7 @@ In one run, on this machine:
   into --demo-dir): greedy agreement over the first 64 tokens of 50 chat questions (half of them about
   city/role pairs the demo never saw together) and perplexity on held-out documents;
 - a real torchserve per configuration (dtype float32 / bfloat16 / int8 x 1 worker with 2 threads or
-  2 workers with 1 thread each; the shipped batcher, batchSize 32, streamed, random weights at the full
+  2 workers with 1 thread each; the shipped batcher and batchSize, streamed, random weights at the full
   default shape) under bench/load_bench.py's closed loop at each client count; start-up time (from
   `torchserve --start` to the first answer) and resident memory per worker; archive sizes.
 Writes bench/results/report.json and bench/results/report.png and prints markdown tables. Takes about
@@ -48,7 +48,7 @@ from ts_launcher import archive, running_torchserve  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "int8")
 LAYOUTS = ((1, 2), (2, 1))  # (workers, torch threads per worker) on 2 cores
-BATCH_SIZE = 32
+BATCH_SIZE = yaml.safe_load((ROOT / "model-config.yaml").read_text())["batchSize"]  # the shipped one
 QUALITY_PROMPTS, QUALITY_TOKENS = 50, 64
 RESULTS = ROOT / "bench" / "results"
 
