@@ -9,7 +9,8 @@ rows, so a request's logits are bit-for-bit the same alone and in any batch (MKL
 its blocking by the batch size). tests/test_packed.py checks both the values and the invariance.
 
 Weights and biases are copied out of the ``nn.Linear``; the module keeps no float32 copy of the
-plain weight, so packing costs no memory. ``torch.ops.mkldnn`` exists in PyTorch's x86 and arm64
+plain weight, so packing costs no memory, and a packed model's ``state_dict()`` holds no Linear weights:
+load with ``cpu_linear="aten"`` to save, fine-tune or export a model. ``torch.ops.mkldnn`` exists in PyTorch's x86 and arm64
 CPU builds; where it does not, ``pack_linears`` leaves the model unchanged and says so.
 """
 
