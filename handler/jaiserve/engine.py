@@ -123,7 +123,6 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.rows: list[_Request] = []  # index = KV cache row
         self.full: deque[_Request] = deque()  # cache row full: waiting for a re-prefill, oldest first
-        self.steps = 0  # steps run
 
     # ----- requests in and out -----
 
@@ -201,7 +200,6 @@ class Engine:
             if reqs:
                 logits.append(forward(reqs))
                 requests += reqs
-        self.steps += 1
         if not requests:
             return []
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)
