@@ -5,11 +5,13 @@ drawn from 16..512, clients starting at random times) per mode.
 
     .venv/bin/python bench/load_bench.py [--modes default continuous] [--clients 1 4 16 64]
                                          [--tokens 128] [--requests-per-client 2] [--no-stream]
-                                         [--budgets 25] [--mixed-clients 16] [--plot PNG]
+                                         [--budgets 25] [--step-ahead on off] [--mixed-clients 16]
+                                         [--plot PNG]
                                          [--routes native openai]
 
 ``--budgets`` runs the continuous batcher once per ``handler.step_budget_ms`` value (ms of engine steps
-per handle() call); the continuous batcher needs the frontend patch (torchserve-patch/, loaded by
+per handle() call) and ``--step-ahead on off`` once with and once without ``handler.step_ahead`` (the next
+step running during the frontend round trip); the continuous batcher needs the frontend patch (torchserve-patch/, loaded by
 config.properties). ``--routes native openai`` sends the same load through both HTTP views on the same
 server, one after the other at each concurrency: ``POST /predictions/jai`` (NDJSON lines) and
 ``POST /predictions/jai/1.0/v1/completions`` (server-sent events, usage in the last chunk).
@@ -164,13 +166,16 @@ def run_level(server, clients: int, requests_per_client: int, tokens, stream: bo
     }
 
 
-def configurations(modes: list[str], budgets: list[float]) -> list[tuple[str, dict]]:
-    """(label, model-config overrides) per server to start: the continuous batcher once per budget."""
+def configurations(modes: list[str], budgets: list[float], aheads: list[bool]) -> list[tuple[str, dict]]:
+    """(label, model-config overrides) per server to start: the continuous batcher once per budget and
+    step-ahead setting."""
     out = []
     for mode in modes:
         if mode == "continuous":
-            out += [(f"continuous {b:g} ms" if len(budgets) > 1 else "continuous",
-                     {**MODES[mode], "handler": {"step_budget_ms": b}}) for b in budgets]
+            for budget, ahead in itertools.product(budgets, aheads):
+                label = "continuous" + f" {budget:g} ms" * (len(budgets) > 1)
+                label += (", step ahead" if ahead else ", no step ahead") * (len(aheads) > 1)
+                out.append((label, {**MODES[mode], "handler": {"step_budget_ms": budget, "step_ahead": ahead}}))
         else:
             out.append((mode, MODES[mode]))
     return out
@@ -213,6 +218,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="model-config batchSize (engine slots)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[None],
                         help="handler.step_budget_ms values for the continuous batcher (default: the yaml's)")
+    parser.add_argument("--step-ahead", nargs="+", default=[None], choices=["on", "off"],
+                        help="handler.step_ahead values for the continuous batcher (default: the yaml's)")
     parser.add_argument("--mixed-clients", type=int, default=16, help="clients of the mixed-length run (0: skip)")
     parser.add_argument("--no-stream", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
@@ -227,9 +234,11 @@ def main() -> None:
         checkpoint, tokenizer = make_bench_model(scratch)
         base = yaml.safe_load((ROOT / "model-config.yaml").read_text())
         budgets = args.budgets if args.budgets != [None] else [base["handler"].get("step_budget_ms", 25)]
+        aheads = [base["handler"].get("step_ahead", True)] if args.step_ahead == [None] else [
+            value == "on" for value in args.step_ahead]
         with contextlib.ExitStack() as stack:  # every server up at once; only one is loaded at a time
             servers = []
-            for n, (label, overrides) in enumerate(configurations(args.modes, budgets)):
+            for n, (label, overrides) in enumerate(configurations(args.modes, budgets, aheads)):
                 root = scratch / f"server{n}"
                 root.mkdir()
                 config = {**base, **overrides, "batchSize": args.batch_size,
@@ -256,7 +265,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"  {label:18s} {route:6s} mixed {args.mixed_clients} clients "
                       f"{row['tokens_per_s']:7.1f} tokens/s ttft p99 {row['ttft_ms_p99']:7.0f} ms", file=sys.stderr)
-    rows.sort(key=lambda r: [label for label, _ in configurations(args.modes, budgets)].index(r["mode"]))
+    rows.sort(key=lambda r: [label for label, _ in configurations(args.modes, budgets, aheads)].index(r["mode"]))
     print(f"\nClosed loop, {args.tokens} tokens/request, {'streamed' if stream else 'not streamed'}, "
           f"batchSize {args.batch_size}, full default shape, float32\n")
     print("| batcher | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | latency p50 / p99 (ms) |")

@@ -11,6 +11,13 @@ says whether it continues (``context.stopping_criteria``). Intermediate response
 our frontend patch (torchserve-patch/): TorchServe 0.12.0 ends the call at the first message. With
 TorchServe's default batcher the same loop runs its batch to completion.
 
+Every engine call runs on one thread of its own (the one that owns torch's OpenMP threads), so the
+engine can work while this thread talks to TorchServe: with ``handler.step_ahead`` a continuous call
+leaves the next step running when it returns, and the next call takes its tokens at once. The round
+trip to the frontend (writing the replies, TorchServe re-sending every running request, parsing them)
+then overlaps a step instead of adding to it, and so do each call's intermediate responses. The step
+ahead cannot admit the requests the next call brings; that call admits them and steps once more.
+
 The HTTP contract lives in jaiserve/api.py: TorchServe's ``url_path`` header (what follows
 ``/predictions/jai/<version>/``) picks the view (native, or OpenAI's under ``v1/``), which parses a
 body into an exchange of one or more engine requests (OpenAI's ``n`` and prompt lists fan out into the
@@ -25,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +83,13 @@ class JAIHandler(BaseHandler):
         self.continuous = bool(yaml_config.get("continuousBatching", False))
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
+        # the engine's thread: every step, abort and the step left running between calls (module docstring);
+        # torch gives a new thread its default thread count unless told
+        self.engine_thread = ThreadPoolExecutor(
+            1, "jai-engine", initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
+        )
+        self.ahead: Future | None = None  # the step running while TorchServe's round trip happens
+        self.step_ahead = self.continuous and self.settings.step_ahead
         self.device = self._device(properties)
         checkpoint = model_dir / self.settings.checkpoint
         model = load_model(
@@ -103,6 +118,7 @@ class JAIHandler(BaseHandler):
             "checkpoint_sha256": file_sha256(checkpoint),
             "max_batch": self.engine.max_batch,
             "continuous_batching": self.continuous,
+            "step_ahead": self.step_ahead,
             "torch_threads": torch.get_num_threads(),
         }
         self.served = ServedModel(
@@ -140,19 +156,21 @@ class JAIHandler(BaseHandler):
             return [self.describe_handle()]
         replies = {}
         try:
-            self.preprocess(data, context, replies)
+            ahead = self.preprocess(data, context, replies)
             self._report_active()
-            return self.postprocess(self.inference(context, replies), context, replies)
+            return self.postprocess(self.inference(context, replies, ahead), context, replies)
         except Exception:  # never let one failure fail the batch through TorchServe
             logger.exception("engine step failed; answering 500 to the requests of this batch")
             return self._fail_all(context)
 
-    def preprocess(self, data, context, replies):
-        """Admit new requests into the engine; answer bad ones (and model lists) now; forget vanished ones."""
-        present = set(context.request_ids.values())
-        for request_id in [r for r in self.calls if r not in present]:
-            self._abort(request_id, "aborted")  # its client disconnected: free the slots
+    def preprocess(self, data, context, replies) -> list | None:
+        """Admit new requests into the engine; answer bad ones (and model lists) now; forget vanished ones.
+
+        Returns the outputs of the step that ran ahead (None: none did). New requests are parsed and
+        tokenized while it runs; the engine is touched only once it is done.
+        """
         draining = self._draining()  # once per call: requests already running continue either way
+        arrivals = []  # (idx, request id, exchange, prompt token ids)
         for idx, row in enumerate(data):
             request_id = context.request_ids[idx]
             if request_id in self.calls:
@@ -168,25 +186,34 @@ class JAIHandler(BaseHandler):
                 if not exchange.requests:  # answered without the engine
                     replies[idx] = (200, exchange.final())
                     continue
-                self._admit(request_id, exchange)
+                arrivals.append((idx, request_id, exchange, [self.engine.encode(r.prompt) for r in exchange.requests]))
             except InvalidRequest as exc:
                 replies[idx] = (exc.status, view.refusal(exc))
+        ahead, self.ahead = self.ahead, None
+        outputs = ahead.result() if ahead is not None else None  # raises what the step raised
+        present = set(context.request_ids.values())
+        for request_id in [r for r in self.calls if r not in present]:
+            self._abort(request_id, "aborted")  # its client disconnected: free the slots
+        for idx, request_id, exchange, prompts in arrivals:
+            try:
+                self._admit(request_id, exchange, prompts)
             except ParameterError as exc:  # the engine's configured limits (max_tokens, prompt length)
-                replies[idx] = (400, view.refusal(InvalidRequest.from_parameter(exc)))
+                replies[idx] = (400, route(context.get_request_header(idx, "url_path")).refusal(
+                    InvalidRequest.from_parameter(exc)))
+        return outputs
 
-    def _admit(self, request_id, exchange: Exchange):
+    def _admit(self, request_id, exchange: Exchange, prompts: list[list[int]]):
         """Queue every engine request of a call, or none of them (one refused: the others are withdrawn)."""
         requests = exchange.requests
         engine_ids = [request_id] if len(requests) == 1 else [f"{request_id}/{i}" for i in range(len(requests))]
         admitted = []
         try:
-            for engine_id, request in zip(engine_ids, requests):
-                prompt_ids = self.engine.encode(request.prompt)
+            for engine_id, request, prompt_ids in zip(engine_ids, requests, prompts):
                 self.engine.add_request(engine_id, prompt_ids, request.params)
                 admitted.append((engine_id, request, len(prompt_ids)))
         except Exception:
             for engine_id, _, _ in admitted:
-                self.engine.abort(engine_id)
+                self.engine.abort(engine_id)  # still waiting: no cache row moves
             raise
         now = time.perf_counter()
         for engine_id, request, prompt_tokens in admitted:
@@ -198,15 +225,18 @@ class JAIHandler(BaseHandler):
         for engine_id in self.calls.pop(request_id).engine_ids:
             state = self.running.pop(engine_id, None)
             if state is not None:
-                self.engine.abort(engine_id)
+                self.engine_thread.submit(self.engine.abort, engine_id).result()  # may move cache rows
                 self._finished(engine_id, state, reason, state.prompt_tokens, state.generated)
 
-    def inference(self, context, replies) -> dict[int, tuple]:
+    def inference(self, context, replies, ahead: list | None = None) -> dict[int, tuple]:
         """Step the engine for this batch; return ``{idx: (call, whether it finished)}``.
 
-        Continuous batching: until the step budget is spent or a call finishes. Default batcher:
-        until every call of the batch has finished. Chunks of every step but the last go out as
-        intermediate responses; the last step's go out with ``handle()``'s return.
+        ``ahead``: the outputs of the step that ran since the last call, taken first. Continuous
+        batching: until the step budget is spent or a call finishes, and at least one step after this
+        call's admissions (a new request's first token comes with its first call, so one that finishes
+        at once gets a complete response). Default batcher: until every call of the batch has finished.
+        Chunks of every step but the last go out as intermediate responses, while the engine runs the
+        next step; the last step's go out with ``handle()``'s return.
         """
         ids = context.request_ids
         batch = {idx: self.calls[ids[idx]] for idx in range(len(ids)) if idx not in replies}
@@ -215,8 +245,13 @@ class JAIHandler(BaseHandler):
         done = set()
         deadline = time.perf_counter() + self.settings.step_budget_ms / 1000
         produced = 0
+        stepped = not self.engine.waiting  # nothing admitted waits for a step of this call
+        step_outputs = ahead
         while len(done) < len(batch):
-            outputs = {out.request_id: out for out in self.engine.step()}
+            if step_outputs is None:
+                step_outputs, stepped = self.engine_thread.submit(self.engine.step).result(), True
+            outputs = {out.request_id: out for out in step_outputs}
+            step_outputs = None
             if not outputs:
                 raise RuntimeError("the engine holds this batch's requests but produced nothing")
             for idx, call in batch.items():
@@ -227,10 +262,14 @@ class JAIHandler(BaseHandler):
                         call.exchange.add(index, out)
                 if idx not in done and call.exchange.finished:
                     done.add(idx)
-            if self.continuous and (done or time.perf_counter() >= deadline):
+            if self.continuous and stepped and (done or time.perf_counter() >= deadline):
                 break
-            if len(done) < len(batch):
+            if len(done) < len(batch):  # the next step runs while this one's chunks go out
+                step, stepped = self.engine_thread.submit(self.engine.step), True
                 self._send_chunks(context, {i: c for i, c in batch.items() if i not in done})
+                step_outputs = step.result()
+        if self.step_ahead and self.engine.has_work():
+            self.ahead = self.engine_thread.submit(self.engine.step)
         self._counter("jai_generated_tokens_total", produced)  # as produced: rate() stays smooth
         return {idx: (call, idx in done) for idx, call in batch.items()}
 

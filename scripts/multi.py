@@ -31,6 +31,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -139,7 +141,8 @@ def start_instance_process(layout: Layout, i: int):
     result = serve(layout, i, "start")
     if result.returncode != 0:
         raise SystemExit(f"multi.py: instance {i} did not start:\n{result.stdout}{result.stderr}")
-    print(f"multi.py: instance {i} serving on 127.0.0.1:{layout.ports(i)['inference']}")
+    already = " (it was " + result.stdout.strip().removeprefix("serve.sh: ") + ")" if "already" in result.stdout else ""
+    print(f"multi.py: instance {i} serving on 127.0.0.1:{layout.ports(i)['inference']}{already}")
 
 
 def stop_instance_process(layout: Layout, i: int):
@@ -173,20 +176,32 @@ def servers(layout: Layout) -> dict[str, dict[str, str]]:
     return {r["svname"]: r for r in rows if r["pxname"] == BACKEND and r["svname"] not in ("FRONTEND", "BACKEND")}
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a killed process stays a zombie, which signal 0 still reaches, until reaped."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except ProcessLookupError:
+        return False
+    except OSError:  # no procfs: signal 0 is all we can ask
+        return True
+    return stat.rpartition(") ")[2][:1] != "Z"  # "pid (command) state ..."
+
+
 def haproxy_pid(layout: Layout) -> int | None:
     try:
         pid = int((layout.folder / "haproxy.pid").read_text())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (FileNotFoundError, ValueError):
         return None
-    return pid
+    return pid if alive(pid) else None
 
 
-def wait_until(condition, timeout: float, what: str):
+def wait_until(condition, timeout: float, what: str, explain=lambda: ""):
+    """Poll ``condition``; on timeout exit with a message that says what was awaited and ``explain()``."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise SystemExit(f"multi.py: timed out after {timeout:.0f}s waiting for {what}")
+            raise SystemExit(f"multi.py: timed out after {timeout:.0f}s waiting for {what}{explain()}")
         time.sleep(0.2)
 
 
@@ -196,6 +211,23 @@ def server_status(layout: Layout, name: str) -> str:
     except OSError:
         return "unknown"
 
+
+def health_report(layout: Layout, i: int) -> str:
+    """Why HAProxy may not see instance ``i`` healthy: its last check, and what /ping answers us."""
+    try:
+        row = servers(layout)[f"jai{i}"]
+        seen = ", ".join(f"{k}={row.get(k, '')}" for k in ("status", "check_status", "check_code", "check_desc",
+                                                          "last_chk", "chkfail", "downtime"))
+    except (OSError, KeyError) as exc:
+        seen = f"no answer ({exc!r})"
+    url = f"http://127.0.0.1:{layout.ports(i)['inference']}/ping"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            ping = f"{response.status} {response.read(200)!r}"
+    except (OSError, urllib.error.HTTPError) as exc:
+        ping = repr(exc)
+    state = serve(layout, i, "status").stdout.strip()
+    return f"\n  HAProxy's view of jai{i}: {seen}\n  GET {url}: {ping}\n  {state}"
 
 def start_balancer(layout: Layout):
     binary = shutil.which("haproxy")
@@ -225,7 +257,8 @@ def start_balancer(layout: Layout):
     if process.poll() is not None:
         raise SystemExit(f"multi.py: haproxy exited; see {layout.folder / 'haproxy.log'}")
     wait_until(lambda: all(server_status(layout, f"jai{i}") == "UP" for i in layout.instances), 60,
-               "HAProxy to see every instance healthy")
+               "HAProxy to see every instance healthy",
+               lambda: "".join(health_report(layout, i) for i in layout.instances))
     print(f"multi.py: HAProxy on http://{layout.data['listen']} balancing {len(layout.instances)} instances")
 
 
@@ -298,7 +331,8 @@ def start_instance(args):
     start_instance_process(layout, i)
     if haproxy_pid(layout) is not None:
         runtime(layout, f"set server {BACKEND}/jai{i} state ready")
-        wait_until(lambda: server_status(layout, f"jai{i}") == "UP", 60, f"HAProxy to see instance {i} healthy")
+        wait_until(lambda: server_status(layout, f"jai{i}") == "UP", 60, f"HAProxy to see instance {i} healthy",
+                   lambda: health_report(layout, i))
         print(f"multi.py: instance {i} back in rotation")
 
 

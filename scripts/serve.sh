@@ -49,8 +49,17 @@ agent_jar_present() { # the JVM does not start without the jar that vmargs' -jav
     return 1
 }
 
+alive() { # alive <pid>: the process runs (a killed one stays a zombie until its parent reaps it)
+    kill -0 "$1" 2>/dev/null || return 1
+    [[ -r /proc/$1/stat ]] || return 0 # no procfs: kill -0 is all we can ask
+    local stat
+    stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
+    stat=${stat##*) } # after "pid (command) ": the state letter first
+    [[ ${stat:0:1} != Z ]]
+}
+
 running_pid() {
-    [[ -f $pid_file ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null && cat "$pid_file"
+    [[ -f $pid_file ]] && alive "$(cat "$pid_file")" && cat "$pid_file"
 }
 
 key() { # key <inference|management>: the current token from ./key_file.json
@@ -110,7 +119,7 @@ in_flight() { # in_flight <drain folder>: requests queued in the frontend + admi
     queued=$(describe | "$bin/python" -c 'import json, sys
 print(sum(m["jobQueueStatus"]["pendingRequests"] for m in json.load(sys.stdin)))' 2>/dev/null) || return 1
     for file in "$1"/active.*; do # one per worker (handler/jaiserve/drain.py); a dead worker's is ignored
-        if [[ -f $file ]] && kill -0 "${file##*.}" 2>/dev/null; then count=$((count + $(<"$file"))); fi
+        if [[ -f $file ]] && alive "${file##*.}"; then count=$((count + $(<"$file"))); fi
     done
     echo $((queued + count))
 }

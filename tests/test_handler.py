@@ -1,6 +1,7 @@
 """The TorchServe handler driven with a small fake context, no server (like pytorch/serve's unit tests)."""
 
 import json
+import threading
 from typing import NamedTuple
 
 import pytest
@@ -368,3 +369,54 @@ def test_an_engine_failure_ends_an_openai_stream_with_an_error_event(model_dir, 
     assert replies["new"]["status"] == 500 and replies["new"]["done"] is None
     assert json.loads(replies["new"]["body"])["error"]["type"] == "server_error"
     assert not h.calls and not h.running and not h.engine.has_work()
+
+
+def counting_steps(h, monkeypatch, fail_on=None):
+    """Wrap the engine's step: record the thread of every step; the ``fail_on``-th one raises."""
+    threads, real = [], h.engine.step
+
+    def step():
+        threads.append(threading.current_thread().name)
+        if len(threads) == fail_on:
+            raise RuntimeError("step failed")
+        return real()
+
+    monkeypatch.setattr(h.engine, "step", step)
+    return threads
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_next_step_runs_ahead_on_the_engine_thread_and_no_token_is_lost(model_dir, monkeypatch, ahead):
+    h, context = make_handler(model_dir, handler={**YAML["handler"], "step_ahead": ahead})
+    threads = counting_steps(h, monkeypatch)
+    log = drive(h, context, [("r", {"prompt": "서울", "stream": True, "max_tokens": 8, "temperature": 0})])
+    lines = [json.loads(line) for r in log["r"] for body in r["chunks"] + [r["body"]] for line in body.splitlines()]
+    # budget 0: each call hands out one step's token, whether that step ran in the call or ahead of it
+    assert len(log["r"]) == 8 and sum(len(line.get("token_ids", ())) for line in lines) == 8
+    assert set(threads) == {"jai-engine_0"} and len(threads) == 8  # torch's threads belong to one thread
+    expected = h.engine.generate([h.engine.encode("서울")], [SamplingParams(max_tokens=8, temperature=0)])[0]
+    assert lines[-1]["generated"] == expected.text
+    assert json.loads(h.describe_handle())["step_ahead"] is ahead and h.ahead is None
+
+
+def test_a_step_ahead_between_calls_leaves_the_tokens_for_the_next_call(model_dir, monkeypatch):
+    h, context = make_handler(model_dir)
+    threads = counting_steps(h, monkeypatch)
+    call(h, context, [("r", {"prompt": "서울", "max_tokens": 5, "temperature": 0})])
+    assert h.ahead is not None and h.ahead.result() and len(threads) == 2  # step 2 ran after the call returned
+    assert h.running["r"].generated == 1  # but its token is handed out by the next call only
+    call(h, context, [("r", None)])
+    assert h.running["r"].generated == 2 and h.ahead.result() and len(threads) == 3
+
+
+def test_a_step_ahead_that_fails_is_a_500_for_the_next_batch_and_the_worker_goes_on(model_dir, monkeypatch):
+    h, context = make_handler(model_dir)
+    counting_steps(h, monkeypatch, fail_on=2)  # the step run ahead after the first call
+    first = call(h, context, [("s", {"prompt": "서울", "stream": True, "max_tokens": 9})])["s"]
+    assert first["done"] is False
+    replies = call(h, context, [("s", None), ("new", {"prompt": "부산"})])
+    assert replies["s"]["status"] == 500 and replies["s"]["done"] is True  # its stream ends with the error
+    assert replies["new"]["status"] == 500 and replies["new"]["done"] is None
+    assert not h.calls and not h.running and not h.engine.has_work() and h.ahead is None
+    log = drive(h, context, [("y", {"prompt": "서울", "max_tokens": 2})])
+    assert json.loads(log["y"][-1]["body"])["usage"]["completion_tokens"] == 2

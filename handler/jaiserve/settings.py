@@ -17,6 +17,7 @@ class Settings:
     cpu_linear: str = "onednn"  # float32 on CPU: Linear weights packed for oneDNN (jaiserve/packed.py), or aten
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
     step_budget_ms: float = 50  # continuous batching: engine steps per handle() call, then back to TorchServe
+    step_ahead: bool = True  # continuous batching: the next step runs during TorchServe's round trip
     max_prefill_tokens: int = 512  # prompt and re-cropped window tokens prefilled per step: bounds a step's stall
     window_stride: int = 1  # past block_size: re-read the window once per this many tokens (1 = the seed)
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
