@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from conftest import FULL, TINY
 from jaiserve import Engine, SamplingParams, load_model
+from jaiserve.model import BMM_DECODE_MIN_ROWS, decode_attention
 
 
 def reference_greedy(reference, prompt, max_tokens):
@@ -145,3 +147,24 @@ def test_device_resolution():
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     assert resolve_device("auto").type == expected
+
+
+def test_decode_attention_matches_scaled_dot_product_attention():
+    torch.manual_seed(0)
+    B, nh, L, hs = 5, 3, 17, 8
+    q = torch.randn(B, 1, 3 * nh * hs)[..., : nh * hs].reshape(B, 1, nh, hs).transpose(1, 2)  # a strided view
+    cache = torch.randn(2, B, nh, 32, hs)  # the cache's layout: k and v are views of its first L positions
+    k, v = cache[0, :, :, :L], cache[1, :, :, :L]
+    lengths = torch.tensor([17, 1, 9, 16, 4])
+    mask = torch.zeros(B, L).masked_fill_(torch.arange(L)[None, :] >= lengths[:, None], float("-inf"))
+    mask = mask[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, 1, nh * hs)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_wide_batch_decodes_like_the_seed(tiny_model, tiny_reference):
+    """Steps of BMM_DECODE_MIN_ROWS rows or more attend with decode_attention: still the seed's tokens."""
+    n = BMM_DECODE_MIN_ROWS + 4
+    prompts = [prompt_of(1 + 3 * i % 20, offset=i) for i in range(n)]
+    results = Engine(tiny_model, max_batch=n).generate(prompts, [SamplingParams(max_tokens=12, top_k=1)] * n)
+    assert [r.token_ids for r in results] == [reference_greedy(tiny_reference, p, 12) for p in prompts]

@@ -109,7 +109,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_write is not None:
             k, v = kv_write(self.layer, k, v)  # (B, nh, T_kv, hs)
-        if isinstance(kv_write, DecodeWrite) and x.device.type == "cpu":
+        if isinstance(kv_write, DecodeWrite) and x.device.type == "cpu" and B >= BMM_DECODE_MIN_ROWS:
             return self.c_proj(decode_attention(q, k, v, mask))
         # mask=None means a plain causal sequence starting at position 0, as in training
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -117,13 +117,20 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+# Decode steps of at least this many rows attend with decode_attention on CPU, smaller ones with
+# scaled_dot_product_attention: its one fused operator wins while the cache read is small (one request:
+# 21 vs 54 us a layer), the batched products once it is large (64 requests, 150 tokens: 3.3 vs 4.0 ms a
+# layer; the engine at 64 requests x 128 tokens 1,062 vs 1,002 tokens/s, three interleaved runs). Equal
+# at 16 rows.
+BMM_DECODE_MIN_ROWS = 16
+
+
 def decode_attention(q, k, v, mask):
     """Attention of one new token per row over its cached keys, as two batched matrix products.
 
     q ``(B, nh, 1, hs)``, k and v ``(B, nh, L, hs)`` views of the cache, mask additive ``(B, 1, 1, L)``;
-    returns ``(B, 1, nh * hs)``. On CPU this reads the cache at about 1.3x the speed of
-    scaled_dot_product_attention, whose flash kernel is built for many queries, not one (decode step of
-    64 requests: 12 ms of attention instead of 17, engine_bench profile).
+    returns ``(B, 1, nh * hs)``. scaled_dot_product_attention's CPU flash kernel is built for many
+    queries per row; with one it reads a large cache slower than these two products do.
     """
     B, nh, L, hs = k.shape
     scores = torch.baddbmm(  # (B*nh, 1, L): mask + q.k / sqrt(hs)
