@@ -16,7 +16,9 @@ engine can work while this thread talks to TorchServe: with ``handler.step_ahead
 leaves the next step running when it returns, and the next call takes its tokens at once. The round
 trip to the frontend (writing the replies, TorchServe re-sending every running request, parsing them)
 then overlaps a step instead of adding to it, and so do each call's intermediate responses. The step
-ahead cannot admit the requests the next call brings; that call admits them and steps once more.
+ahead cannot admit the requests the next call brings; that call admits them and steps once more. So
+that they wait as little as possible for it, the step ahead only decodes: prompts and re-read windows
+are prefilled by the steps inside calls.
 
 The HTTP contract lives in jaiserve/api.py: TorchServe's ``url_path`` header (what follows
 ``/predictions/jai/<version>/``) picks the view (native, or OpenAI's under ``v1/``), which parses a
@@ -246,7 +248,7 @@ class JAIHandler(BaseHandler):
         deadline = time.perf_counter() + self.settings.step_budget_ms / 1000
         produced = 0
         stepped = not self.engine.waiting  # nothing admitted waits for a step of this call
-        step_outputs = ahead
+        step_outputs = ahead or None  # [] when no row could decode ahead
         while len(done) < len(batch):
             if step_outputs is None:
                 step_outputs, stepped = self.engine_thread.submit(self.engine.step).result(), True
@@ -268,8 +270,8 @@ class JAIHandler(BaseHandler):
                 step, stepped = self.engine_thread.submit(self.engine.step), True
                 self._send_chunks(context, {i: c for i, c in batch.items() if i not in done})
                 step_outputs = step.result()
-        if self.step_ahead and self.engine.has_work():
-            self.ahead = self.engine_thread.submit(self.engine.step)
+        if self.step_ahead and self.engine.has_work():  # decode only: the next call's arrivals wait for it
+            self.ahead = self.engine_thread.submit(self.engine.step, prefill=False)
         self._counter("jai_generated_tokens_total", produced)  # as produced: rate() stays smooth
         return {idx: (call, idx in done) for idx, call in batch.items()}
 

@@ -110,6 +110,18 @@ def test_prefill_budget_spreads_admission_over_steps(tiny_model):
     assert len(engine.waiting) == 2
 
 
+def test_a_decode_only_step_admits_nothing_and_re_reads_no_window(tiny_model):
+    engine = Engine(tiny_model, max_batch=8)
+    assert engine.step(prefill=False) == []  # nothing decodes yet: the prompts wait for a full step
+    engine.add_request("long", prompt_of(BS, 1), SamplingParams(max_tokens=5, temperature=0))
+    engine.add_request("short", prompt_of(4, 2), SamplingParams(max_tokens=5, temperature=0))
+    assert {o.request_id for o in engine.step()} == {"long", "short"}  # prefilled: "long" fills its row
+    engine.add_request("new", prompt_of(3, 3), SamplingParams(max_tokens=5, temperature=0))
+    assert [o.request_id for o in engine.step(prefill=False)] == ["short"]  # "long" waits for a re-read
+    assert [r.id for r in engine.waiting] == ["new"] and [r.id for r in engine.full] == ["long"]
+    assert {o.request_id for o in engine.step()} == {"short", "new", "long"}
+
+
 def test_abort_frees_the_row_and_keeps_others_exact(tiny_model):
     params = SamplingParams(max_tokens=30, temperature=0)
     expected = Engine(tiny_model).generate([prompt_of(6, 9)], [params])[0].token_ids

@@ -375,11 +375,11 @@ def counting_steps(h, monkeypatch, fail_on=None):
     """Wrap the engine's step: record the thread of every step; the ``fail_on``-th one raises."""
     threads, real = [], h.engine.step
 
-    def step():
+    def step(**kwargs):
         threads.append(threading.current_thread().name)
         if len(threads) == fail_on:
             raise RuntimeError("step failed")
-        return real()
+        return real(**kwargs)
 
     monkeypatch.setattr(h.engine, "step", step)
     return threads

@@ -20,7 +20,7 @@ from pathlib import Path
 import requests
 
 # shared with scripts/multi.py, which starts instances outside the repo root too; tests import them from here
-from scripts.multi import absolute_javaagent, free_ports
+from scripts.multi import absolute_javaagent, alive, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
@@ -72,10 +72,9 @@ def archive(root: Path, checkpoint, tokenizer, config_file=None) -> Path:
 def _alive(pid_file: Path) -> bool:
     """Whether the torchserve that wrote ``pid_file`` still runs (it exits at once on a port clash)."""
     try:
-        os.kill(int(pid_file.read_text()), 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return alive(int(pid_file.read_text()))
+    except (FileNotFoundError, ValueError):
         return False
-    return True
 
 
 @contextmanager

@@ -187,14 +187,15 @@ class Engine:
     # ----- one iteration -----
 
     @torch.inference_mode()
-    def step(self) -> list[StepOutput]:
+    def step(self, prefill: bool = True) -> list[StepOutput]:
         """Generate one token for every running request whose turn it is (admitting waiting ones first).
 
         Every request with room in its cache row gets a token; a request whose row is full gets one
-        when its re-prefill fits this step's prefill budget.
+        when its re-prefill fits this step's prefill budget. ``prefill=False``: a decode-only step (no
+        admissions, no re-prefills), as short as a step gets; empty when no row can decode.
         """
         decoding = self._decode_rows_first()
-        prefill = self._take_prefill_work()
+        prefill = self._take_prefill_work() if prefill else []
         requests, logits = [], []
         for reqs, forward in ((decoding, self._decode), (prefill, self._prefill)):
             if reqs:
