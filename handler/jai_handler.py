@@ -172,7 +172,7 @@ class JAIHandler(BaseHandler):
         tokenized while it runs; the engine is touched only once it is done.
         """
         draining = self._draining()  # once per call: requests already running continue either way
-        arrivals = []  # (idx, request id, exchange, prompt token ids)
+        arrivals = []  # (idx, request id, view, exchange, prompt token ids)
         for idx, row in enumerate(data):
             request_id = context.request_ids[idx]
             if request_id in self.calls:
@@ -188,7 +188,8 @@ class JAIHandler(BaseHandler):
                 if not exchange.requests:  # answered without the engine
                     replies[idx] = (200, exchange.final())
                     continue
-                arrivals.append((idx, request_id, exchange, [self.engine.encode(r.prompt) for r in exchange.requests]))
+                prompts = [self.engine.encode(r.prompt) for r in exchange.requests]
+                arrivals.append((idx, request_id, view, exchange, prompts))
             except InvalidRequest as exc:
                 replies[idx] = (exc.status, view.refusal(exc))
         ahead, self.ahead = self.ahead, None
@@ -196,12 +197,11 @@ class JAIHandler(BaseHandler):
         present = set(context.request_ids.values())
         for request_id in [r for r in self.calls if r not in present]:
             self._abort(request_id, "aborted")  # its client disconnected: free the slots
-        for idx, request_id, exchange, prompts in arrivals:
+        for idx, request_id, view, exchange, prompts in arrivals:
             try:
                 self._admit(request_id, exchange, prompts)
             except ParameterError as exc:  # the engine's configured limits (max_tokens, prompt length)
-                replies[idx] = (400, route(context.get_request_header(idx, "url_path")).refusal(
-                    InvalidRequest.from_parameter(exc)))
+                replies[idx] = (400, view.refusal(InvalidRequest.from_parameter(exc)))
         return outputs
 
     def _admit(self, request_id, exchange: Exchange, prompts: list[list[int]]):

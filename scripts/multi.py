@@ -31,7 +31,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -224,10 +223,11 @@ def health_report(layout: Layout, i: int) -> str:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             ping = f"{response.status} {response.read(200)!r}"
-    except (OSError, urllib.error.HTTPError) as exc:
+    except OSError as exc:  # refused, timed out, or an HTTP error status (urllib's HTTPError)
         ping = repr(exc)
     state = serve(layout, i, "status").stdout.strip()
     return f"\n  HAProxy's view of jai{i}: {seen}\n  GET {url}: {ping}\n  {state}"
+
 
 def start_balancer(layout: Layout):
     binary = shutil.which("haproxy")

@@ -17,8 +17,7 @@ import pytest
 import requests
 import yaml
 
-from scripts.multi import alive
-from ts_launcher import BIN, ROOT, free_ports, absolute_javaagent, archive, running_torchserve
+from ts_launcher import BIN, ROOT, alive, free_ports, absolute_javaagent, archive, running_torchserve
 
 pytestmark = pytest.mark.e2e
 

@@ -27,8 +27,7 @@ import requests
 import torch
 
 from conftest import TINY
-from scripts.multi import alive
-from ts_launcher import BIN, ROOT, absolute_javaagent, archive, free_ports
+from ts_launcher import BIN, ROOT, alive, absolute_javaagent, archive, free_ports
 
 pytestmark = pytest.mark.e2e
 
