@@ -149,10 +149,11 @@ def run_level(server, clients: int, requests_per_client: int, tokens, stream: bo
     for t in threads:
         t.start()
     gate.wait()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
     wall = time.perf_counter() - began
+    client_cpu = (time.process_time() - cpu) / wall  # this process's cores: the server's 2 cores are shared
     ttft = [(r["arrivals"][0] - r["sent"]) * 1000 for r in results] if stream else []
     itl = [(b - a) * 1000 for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     latency = [(r["arrivals"][-1] - r["sent"]) * 1000 for r in results]
@@ -163,6 +164,7 @@ def run_level(server, clients: int, requests_per_client: int, tokens, stream: bo
         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
         "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
         "latency_ms_p50": percentile(latency, 50), "latency_ms_p99": percentile(latency, 99),
+        "client_cpu_cores": client_cpu,
     }
 
 
@@ -257,7 +259,7 @@ def main() -> None:
                            **run_level(server, clients, args.requests_per_client, args.tokens, stream, route=route)}
                     rows.append(row)
                     print(f"  {label:18s} {route:6s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
-                          f"ttft p50 {row['ttft_ms_p50']:7.0f} ms", file=sys.stderr)
+                          f"ttft p50 {row['ttft_ms_p50']:7.0f} ms, client {row['client_cpu_cores']:.2f} cores", file=sys.stderr)
             for (label, server), route in itertools.product(servers, args.routes if args.mixed_clients else ()):
                 row = {"mode": label, "route": route, "stream": stream, "mixed": True,
                        **run_level(server, args.mixed_clients, args.requests_per_client, MIXED_TOKENS, stream,

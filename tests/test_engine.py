@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from conftest import FULL, TINY
 from jaiserve import Engine, SamplingParams, load_model
-from jaiserve.model import BMM_DECODE_MIN_ROWS, decode_attention
+from jaiserve.model import BMM_DECODE_MIN_ROWS, PackedPrompts, decode_attention
 
 
 def reference_greedy(reference, prompt, max_tokens):
@@ -172,6 +172,29 @@ def test_decode_attention_matches_scaled_dot_product_attention():
     mask = mask[:, None, None, :]
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, 1, nh * hs)
     torch.testing.assert_close(decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_prompts_attend_like_a_block_diagonal_mask():
+    """Prefill attention per prompt (rows padded to the longest) equals one attention over the packed
+    sequence with a block-diagonal causal mask, which costs the square of the whole step's tokens."""
+    torch.manual_seed(0)
+    nh, hs, lengths = 3, 8, [5, 1, 12, 3]
+    N, C = sum(lengths), nh * hs
+    qkv = torch.randn(1, N, 3 * C)
+    q, k, v = (t.view(1, N, nh, hs).transpose(1, 2) for t in qkv.split(C, dim=2))
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    mask = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(1, N, C)
+    torch.testing.assert_close(PackedPrompts(lengths, "cpu").attend(qkv, nh), expected, rtol=1e-5, atol=1e-6)
+    assert PackedPrompts([7], "cpu").single  # one prompt: plain causal attention, nothing gathered
+
+
+def test_prompts_of_mixed_lengths_prefilled_together_decode_like_the_seed(tiny_model, tiny_reference):
+    prompts = [prompt_of(n, offset=i) for i, n in enumerate((1, 9, 3, 17, 2))]
+    engine = Engine(tiny_model, max_batch=len(prompts), max_prefill_tokens=sum(map(len, prompts)))
+    results = engine.generate(prompts, [SamplingParams(max_tokens=8, top_k=1)] * len(prompts))
+    assert [r.token_ids for r in results] == [reference_greedy(tiny_reference, p, 8) for p in prompts]
 
 
 def test_a_wide_batch_decodes_like_the_seed(tiny_model, tiny_reference):

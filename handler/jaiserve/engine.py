@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .detokenizer import IncrementalDetokenizer
-from .model import GPT, DecodeWrite, KVCache, PrefillWrite
+from .model import GPT, DecodeWrite, KVCache, PackedPrompts, PrefillWrite
 from .sampling import ParameterError, SamplingParams, sample
 from .utf8 import BOUNDARY, Utf8Mask
 
@@ -303,22 +303,19 @@ class Engine:
 
     def _prefill(self, reqs: list[_Request]) -> torch.Tensor:
         row_of = {id(r): i for i, r in enumerate(self.rows)}
-        ids, positions, rows, seg = [], [], [], []
-        for n, req in enumerate(reqs):
+        ids, positions, rows = [], [], []
+        for req in reqs:
             window = req.context[self._window_start(req) :]  # cache position 0 holds its first token
             ids += window
             positions += range(len(window))
             rows += [row_of[id(req)]] * len(window)
-            seg += [n] * len(window)
             req.cached = len(window)
         dev = self.device
         ids_t = torch.tensor([ids], device=dev)
         pos_t = torch.tensor([positions], device=dev)
-        seg_t = torch.tensor(seg, device=dev)
-        # block-diagonal causal mask: a token sees earlier tokens of its own prompt only
-        mask = (seg_t[:, None] == seg_t[None, :]) & (pos_t[0][:, None] >= pos_t[0][None, :])
+        prompts = PackedPrompts([r.cached for r in reqs], dev)  # a token sees earlier tokens of its own prompt
         write = PrefillWrite(self.cache, torch.tensor(rows, device=dev), pos_t[0])
-        h = self.model.hidden(ids_t, pos_t, mask, write)  # (1, N, C)
+        h = self.model.hidden(ids_t, pos_t, prompts, write)  # (1, N, C)
         last = torch.tensor([r.cached for r in reqs], device=dev).cumsum(0) - 1
         return self.model.head(h[0, last])
 

@@ -48,7 +48,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min(_TINY)  # (M, 1), max |x|
+        # (M, 1): max |x| (vector_norm(inf) gives the same values, 25x slower for 64 rows here)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(_TINY)
         unit = torch.cat([rows / scale, self._anchor])  # every row inside [-1, 1], and the anchor spans it
         # reduce_range: 7-bit activations, as PyTorch's x86 default (fbgemm's AVX2 kernels saturate at 8)
         y = torch.ops.quantized.linear_dynamic(unit, self._packed, reduce_range=True)[:-1]
