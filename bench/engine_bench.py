@@ -11,7 +11,9 @@ Sections (all by default), each printed as a markdown table and written to bench
   stream of demo-corpus documents);
 - batchmates: 32 requests of which 4 are past the window: the step rate of the other 28, against 32
   requests that all fit the window;
-- profile: where a steady decode step of 32 requests spends its time (torch profiler).
+- profile: where a steady decode step of 32 requests spends its time (torch profiler);
+- floors (CPU): this machine's memory read bandwidth and the Linear layers' GEMM rate, and the most
+  tokens/s they allow at 1 and 64 requests (weights read once per step, attention reading the cache).
 Speed sections use the seed's full default shape (24000/256/6/6/384) with random weights, 24-token
 prompts and the shipped handler settings (model-config.yaml `handler:`); quality uses the demo model
 (scripts/make_demo_model.py, built once into --demo-dir). About 6 minutes on 2 cores; --quick is a
@@ -48,7 +50,7 @@ from scripts import make_demo_model as demo  # noqa: E402
 
 BASELINE_REV = "16e7870"  # the engine before issue 14 (window path recomputed every step, dynamic int8)
 PROMPT_TOKENS = 24  # about a chat-wrapped question
-SECTIONS = ("throughput", "window", "batchmates", "profile")
+SECTIONS = ("throughput", "window", "batchmates", "profile", "floors")
 STRIDES = (1, 8, 32, 64, 128)
 DEMO_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jai-serve" / "demo-seed0"
 SETTINGS = Settings.from_yaml(yaml.safe_load((ROOT / "model-config.yaml").read_text())["handler"])  # as served
@@ -325,6 +327,54 @@ def profile_step(model, n: int, steps: int, device) -> dict:
             "operator_calls_per_step": sum(e.count for e in ops) / steps}
 
 
+# ----- what this machine allows -----
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def floors(model, concurrency: int, context: int) -> dict:
+    """Memory read bandwidth, the GEMM rate of the model's own Linear layers, and the tokens/s they
+    allow: one request reads every Linear weight once per token; ``concurrency`` requests at ``context``
+    cached tokens spend one step on their Linear FLOPs (at the measured rate) plus reading their K/V."""
+    block = torch.ones(80 * 2**20, dtype=torch.float32)  # 320 MB, written (untouched pages read as zeros from cache)
+    bandwidth = block.numel() * 4 / _median_seconds(block.sum, 7)
+    del block
+    linears = [m for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+    weights = sum(m.in_features * m.out_features for m in linears)  # multiply-adds per token
+    bytes_per_weight = torch.finfo(torch.float32).bits // 8
+
+    def chain_seconds(rows: int) -> float:  # every Linear once, in model order: weights come from memory
+        inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
+        with torch.inference_mode():
+            return _median_seconds(lambda: [m(inputs[m.in_features]) for m in linears], 5)
+
+    one_row, many_rows = chain_seconds(1), chain_seconds(concurrency)
+    gemm = 2 * weights * concurrency / many_rows  # FLOP/s
+    c = model.config
+    kv_bytes = concurrency * 2 * c.n_layer * context * c.n_embd * bytes_per_weight  # K and V of every row
+    step = 2 * weights * concurrency / gemm + kv_bytes / bandwidth
+    result = {
+        "bandwidth_gb_s": bandwidth / 1e9, "linear_weights": weights, "weight_mb": weights * bytes_per_weight / 1e6,
+        "gemm_gflop_s": gemm / 1e9, "concurrency": concurrency, "context": context,
+        "linear_chain_ms_1_row": 1e3 * one_row, "linear_chain_ms_many_rows": 1e3 * many_rows,
+        "kv_mb_per_step": kv_bytes / 1e6,
+        "floor_1": bandwidth / (weights * bytes_per_weight),  # float32 weights, read once per token
+        "floor_1_int8": bandwidth / weights,  # one byte a weight
+        "floor_many": concurrency / step,
+    }
+    print(f"  floors: {result['bandwidth_gb_s']:.1f} GB/s, {result['gemm_gflop_s']:.0f} GFLOP/s at {concurrency} rows; "
+          f"{result['floor_1']:.0f} tokens/s at 1, {result['floor_many']:.0f} at {concurrency}", file=sys.stderr)
+    return result
+
+
 # ----- output -----
 
 
@@ -380,6 +430,25 @@ def print_tables(report: dict) -> None:
         print("\n| torch operator (self time) | ms per step | share of operator time | calls per step |\n|---|---:|---:|---:|")
         for op in p["top_ops"]:
             print(f"| {op['op']} | {op['ms_per_step']:.2f} | {op['share']:.0%} | {op['calls_per_step']:.0f} |")
+
+
+def print_floors(f: dict, throughput: list[dict]) -> None:
+    measured = {r["concurrency"]: r["tokens_per_s"] for r in throughput if r["engine"] == "this engine"
+                and r["dtype"] == "float32"}
+    measured_int8 = {r["concurrency"]: r["tokens_per_s"] for r in throughput if r["engine"] == "this engine"
+                     and r["dtype"] == "int8"}
+    n = f["concurrency"]
+    print(f"\nWhat this machine allows: memory read at {f['bandwidth_gb_s']:.1f} GB/s (a 320 MB tensor); the model's "
+          f"{f['linear_weights'] / 1e6:.1f} M Linear weights ({f['weight_mb']:.0f} MB float32) run as one chain in "
+          f"{f['linear_chain_ms_1_row']:.2f} ms for 1 row and {f['linear_chain_ms_many_rows']:.2f} ms for {n} rows "
+          f"({f['gemm_gflop_s']:.0f} GFLOP/s); {n} rows at {f['context']} cached tokens read {f['kv_mb_per_step']:.0f} MB "
+          f"of K/V per step.\n")
+    print("| requests | bound | floor tokens/s | this engine | issue #14 goal |\n|---|---|---:|---:|---:|")
+    fmt = lambda v: f"{v:.0f}" if v is not None else "-"  # noqa: E731
+    print(f"| 1, float32 | every weight read once per token | {f['floor_1']:.0f} | {fmt(measured.get(1))} | 300 |")
+    print(f"| 1, int8 | one byte per weight | {f['floor_1_int8']:.0f} | {fmt(measured_int8.get(1))} | 800 |")
+    print(f"| {n}, float32 | Linear FLOPs at the measured rate + K/V reads | {f['floor_many']:.0f} | "
+          f"{fmt(measured.get(n))} | 2,000 |")
 
 
 def main() -> None:
@@ -440,8 +509,12 @@ def main() -> None:
             print(f"  batch-mates, stride {stride:3d}: {result['share']:.0%} of their step rate", file=sys.stderr)
     if "profile" in args.sections:
         report["profile"] = profile_step(model, 8 if args.quick else 32, 5 if args.quick else 40, device)
+    if "floors" in args.sections and device.type == "cpu":
+        report["floors"] = floors(model, max(args.concurrency), PROMPT_TOKENS + args.tokens // 2)
     report["seconds"] = time.perf_counter() - began
     print_tables(report)
+    if "floors" in report:
+        print_floors(report["floors"], report.get("throughput", []))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out} in {report['seconds']:.0f} s", file=sys.stderr)
