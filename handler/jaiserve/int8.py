@@ -9,9 +9,13 @@ largest magnitude before the int8 GEMM, so every input row is quantized on the s
 scaled back afterwards. The integer GEMM sums exactly, so a row's output is bit-for-bit the same
 alone and in any batch (tests/test_int8.py).
 
-The GEMM is fbgemm's (``quantized::linear_dynamic``, x86 CPUs); it derives the activation grid from the
-input's minimum and maximum, so one constant row holding -1 and +1 is appended: with every other row
-inside [-1, 1], the grid is the same whatever the batch. CPU only.
+The GEMM is fbgemm's (x86 CPUs), called with the activation grid given rather than derived from the
+input (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``): every row, divided by its own
+largest magnitude, lies in [-1, 1] and is quantized on that one grid, 7-bit as PyTorch's x86 default
+(``reduce_range``: fbgemm's AVX2 kernels saturate at 8). It is the grid ``quantized::linear_dynamic``
+picks for an input spanning exactly [-1, 1], which this module used to force with an extra constant row
+(same outputs, bit for bit; the fixed grid saves that row's copy and fbgemm's min/max pass: the
+model's 25 Linear layers in a row 1.15x faster for one request, 1.07x for 64). CPU only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from .model import GPT
 from .packed import PackedLinear
 
 _TINY = torch.finfo(torch.float32).tiny  # an all-zero row keeps a finite scale
+# the activation grid: [-1, 1] onto 0..127 (what linear_dynamic with reduce_range picks for [-1, 1])
+_GRID_SCALE, _GRID_ZERO_POINT = 2 / 127, 64
+_GEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # float in, grid given, float out
 
 
 class Int8Linear(nn.Module):
@@ -41,18 +48,13 @@ class Int8Linear(nn.Module):
             qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)  # bias added in float32 below
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        anchor = torch.zeros(1, self.in_features)
-        anchor[0, :2] = torch.tensor([1.0, -1.0])
-        self.register_buffer("_anchor", anchor, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         # (M, 1): max |x| (vector_norm(inf) gives the same values, 25x slower for 64 rows here)
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(_TINY)
-        unit = torch.cat([rows / scale, self._anchor])  # every row inside [-1, 1], and the anchor spans it
-        # reduce_range: 7-bit activations, as PyTorch's x86 default (fbgemm's AVX2 kernels saturate at 8)
-        y = torch.ops.quantized.linear_dynamic(unit, self._packed, reduce_range=True)[:-1]
+        y = _GEMM(rows / scale, _GRID_SCALE, _GRID_ZERO_POINT, self._packed)  # every row inside [-1, 1]
         y = y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
         return y.reshape(*shape[:-1], self.out_features)
 
