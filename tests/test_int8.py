@@ -36,6 +36,25 @@ def test_every_linear_is_quantized_and_the_rest_stays_float32(int8_model, tiny_m
     assert {p.dtype for p in int8_model.parameters()} == {torch.float32}  # embeddings, LayerNorms, biases
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_activation_grid_is_the_one_linear_dynamic_picks_for_minus_one_to_one(bias):
+    """Int8Linear gives fbgemm its activation grid; quantized::linear_dynamic derives one from the
+    input's min and max. With every row scaled into [-1, 1] and a row spanning exactly [-1, 1] added,
+    it must derive the same grid: the outputs are equal bit for bit (the head has no bias)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 20, bias=bias)
+    x = torch.randn(6, 48) * torch.tensor([1e-3, 0.1, 1, 3, 50, 1e4])[:, None]
+    x[2] = 0.0  # an all-zero row
+    layer = Int8Linear(linear)
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    span = torch.zeros(1, 48)
+    span[0, :2] = torch.tensor([1.0, -1.0])
+    y = torch.ops.quantized.linear_dynamic(torch.cat([x / scale, span]), layer._packed, reduce_range=True)[:-1]
+    expected = y * scale if linear.bias is None else torch.addcmul(layer.bias, y, scale)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+
+
 def test_int8_linear_is_close_to_float32_with_a_scale_per_output_channel():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
