@@ -178,7 +178,7 @@ def test_packed_prompts_attend_like_a_block_diagonal_mask():
     """Prefill attention per prompt (rows padded to the longest) equals one attention over the packed
     sequence with a block-diagonal causal mask, which costs the square of the whole step's tokens."""
     torch.manual_seed(0)
-    nh, hs, lengths = 3, 8, [5, 1, 12, 3]
+    nh, hs, lengths = 3, 8, [5, 1, 12, 3, 7, 2, 30]  # length groups {5, 7} {3} {1} {12} {2} {30}
     N, C = sum(lengths), nh * hs
     qkv = torch.randn(1, N, 3 * C)
     q, k, v = (t.view(1, N, nh, hs).transpose(1, 2) for t in qkv.split(C, dim=2))

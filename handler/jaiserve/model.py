@@ -82,34 +82,49 @@ class PackedPrompts:
 
     A mask over the packed sequence would make attention cost grow with the square of the whole step's
     tokens, nearly all of it masked (21 prompts of 24 tokens: 504 x 504 scores, 21 x 24 x 24 of them
-    seen). ``attend`` instead lines the prompts up as rows of a batch, padded to the longest, and runs
-    plain causal attention on it: a real token only sees keys at or before its own position, so the
-    padding (copies of a prompt's last token) is never seen by a token that is kept.
+    seen). ``attend`` instead lines the prompts up as rows of a batch and runs plain causal attention on
+    it: a real token only sees keys at or before its own position, so padding at a row's end (copies of
+    its last token) is never seen by a token that is kept. Prompts are grouped by length (within a power
+    of two) and each group is padded to its own longest, so a 256-token window re-read in the same step
+    as short prompts does not pad them to 256.
     """
 
     def __init__(self, lengths: list[int], device):
         self.single = len(lengths) == 1
         if self.single:
             return
-        lengths_t = torch.tensor(lengths, device=device)
-        starts = lengths_t.cumsum(0) - lengths_t
-        longest = max(lengths)
-        offsets = torch.arange(longest, device=device)[None, :]
-        # (S, longest): where each row's tokens are in the packed sequence; padding repeats the last one
-        self.gather = starts[:, None] + torch.minimum(offsets, lengths_t[:, None] - 1)
-        # (N,): where each packed token is in the flattened rows (row-major order is packed order)
-        flat = torch.arange(len(lengths), device=device)[:, None] * longest + offsets
-        self.scatter = flat[offsets < lengths_t[:, None]]
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        groups: dict[int, list[int]] = {}  # prompt indices by length bucket, in arrival order
+        for i, n in enumerate(lengths):
+            groups.setdefault((n - 1).bit_length(), []).append(i)
+        self.gathers = []  # per group (rows, longest): each row's tokens in the packed sequence
+        scatter = [0] * sum(lengths)  # each packed token's place in the groups' outputs, concatenated
+        placed = 0
+        for members in groups.values():
+            longest = max(lengths[i] for i in members)
+            self.gathers.append(torch.tensor(
+                [[starts[i] + min(j, lengths[i] - 1) for j in range(longest)] for i in members], device=device))
+            for row, i in enumerate(members):
+                for j in range(lengths[i]):
+                    scatter[starts[i] + j] = placed + row * longest + j
+            placed += len(members) * longest
+        self.scatter = torch.tensor(scatter, device=device)
 
     def attend(self, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
         """Causal attention of each prompt over itself: ``c_attn``'s output ``(1, N, 3C)`` -> ``(1, N, C)``.
         Gathered and scattered as whole token rows, before the heads split and after they merge."""
-        S, longest = self.gather.shape
         C = qkv.shape[2] // 3
-        rows = qkv[0].index_select(0, self.gather.flatten())  # (S * longest, 3C)
-        q, k, v = rows.view(S, longest, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (S, nh, longest, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return y.transpose(1, 2).reshape(S * longest, C).index_select(0, self.scatter).unsqueeze(0)
+        outputs = []
+        for gather in self.gathers:
+            rows, longest = gather.shape
+            tokens = qkv[0].index_select(0, gather.flatten())  # (rows * longest, 3C)
+            q, k, v = tokens.view(rows, longest, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (rows, nh, L, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            outputs.append(y.transpose(1, 2).reshape(rows * longest, C))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return y.index_select(0, self.scatter).unsqueeze(0)
 
 
 class DecodeWrite:
