@@ -143,7 +143,9 @@ class JAIClient:
 
     def describe(self, customized: bool = False) -> dict[str, Any]:
         """The model's workers and status; ``customized`` adds the handler's own description
-        (device, dtype, parameters, checkpoint hash, ...)."""
+        (device, dtype, parameters, checkpoint hash, ...). A customized describe goes to the worker,
+        which answers it only once its running requests have finished, and new requests wait behind
+        it: keep it out of health checks and polling (README, Batching)."""
         params = {"customized": "true"} if customized else None
         return self._call("GET", self.management_url, f"/models/{MODEL}", "management", params=params).json()[0]
 

@@ -80,9 +80,15 @@ def test_describe_under_load_and_idle_then_inference_goes_on(continuous_server):
         for _ in streams:
             assert first_lines.acquire(timeout=120)
         sent = time.monotonic()
-        under_load = describe(server)  # answered once the running batch has drained
+        assert server.describe()["workers"]  # plain describe: the frontend answers it, no worker job
+        plain_answered = time.monotonic()
+        under_load = describe(server)  # customized: sent to the worker alone, once the batch has drained
+        customized_answered = time.monotonic()
         results = [s.result() for s in streams]
     assert any(times[-1] > sent for times, _ in results)  # it really met running streams
+    # what README (Batching) tells operators: poll plain describe or /metrics, not customized=true
+    assert all(times[-1] > plain_answered for times, _ in results)
+    assert all(times[-1] <= customized_answered for times, _ in results)
     idle = describe(server)
     for described in (under_load, idle):
         assert described["dtype"] == "float32" and described["continuous_batching"] is True
