@@ -349,7 +349,7 @@ def floors(model, concurrency: int, context: int) -> dict:
     del block
     linears = [m for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
     weights = sum(m.in_features * m.out_features for m in linears)  # multiply-adds per token
-    bytes_per_weight = torch.finfo(torch.float32).bits // 8
+    bytes_per_value = torch.float32.itemsize  # a float32 weight, key or value
 
     def chain_seconds(rows: int) -> float:  # every Linear once, in model order: weights come from memory
         inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
@@ -359,14 +359,14 @@ def floors(model, concurrency: int, context: int) -> dict:
     one_row, many_rows = chain_seconds(1), chain_seconds(concurrency)
     gemm = 2 * weights * concurrency / many_rows  # FLOP/s
     c = model.config
-    kv_bytes = concurrency * 2 * c.n_layer * context * c.n_embd * bytes_per_weight  # K and V of every row
+    kv_bytes = concurrency * 2 * c.n_layer * context * c.n_embd * bytes_per_value  # K and V of every row
     step = 2 * weights * concurrency / gemm + kv_bytes / bandwidth
     result = {
-        "bandwidth_gb_s": bandwidth / 1e9, "linear_weights": weights, "weight_mb": weights * bytes_per_weight / 1e6,
+        "bandwidth_gb_s": bandwidth / 1e9, "linear_weights": weights, "weight_mb": weights * bytes_per_value / 1e6,
         "gemm_gflop_s": gemm / 1e9, "concurrency": concurrency, "context": context,
         "linear_chain_ms_1_row": 1e3 * one_row, "linear_chain_ms_many_rows": 1e3 * many_rows,
         "kv_mb_per_step": kv_bytes / 1e6,
-        "floor_1": bandwidth / (weights * bytes_per_weight),  # float32 weights, read once per token
+        "floor_1": bandwidth / (weights * bytes_per_value),  # float32 weights, read once per token
         "floor_1_int8": bandwidth / weights,  # one byte a weight
         "floor_many": concurrency / step,
     }
@@ -433,10 +433,10 @@ def print_tables(report: dict) -> None:
 
 
 def print_floors(f: dict, throughput: list[dict]) -> None:
-    measured = {r["concurrency"]: r["tokens_per_s"] for r in throughput if r["engine"] == "this engine"
-                and r["dtype"] == "float32"}
-    measured_int8 = {r["concurrency"]: r["tokens_per_s"] for r in throughput if r["engine"] == "this engine"
-                     and r["dtype"] == "int8"}
+    def measured(dtype: str) -> dict[int, float]:  # this engine's tokens/s by concurrency
+        return {r["concurrency"]: r["tokens_per_s"] for r in throughput
+                if r["engine"] == "this engine" and r["dtype"] == dtype}
+
     n = f["concurrency"]
     print(f"\nWhat this machine allows: memory read at {f['bandwidth_gb_s']:.1f} GB/s (a 320 MB tensor); the model's "
           f"{f['linear_weights'] / 1e6:.1f} M Linear weights ({f['weight_mb']:.0f} MB float32) run as one chain in "
@@ -445,10 +445,11 @@ def print_floors(f: dict, throughput: list[dict]) -> None:
           f"of K/V per step.\n")
     print("| requests | bound | floor tokens/s | this engine | issue #14 goal |\n|---|---|---:|---:|---:|")
     fmt = lambda v: f"{v:.0f}" if v is not None else "-"  # noqa: E731
-    print(f"| 1, float32 | every weight read once per token | {f['floor_1']:.0f} | {fmt(measured.get(1))} | 300 |")
-    print(f"| 1, int8 | one byte per weight | {f['floor_1_int8']:.0f} | {fmt(measured_int8.get(1))} | 800 |")
+    print(f"| 1, float32 | every weight read once per token | {f['floor_1']:.0f} | "
+          f"{fmt(measured('float32').get(1))} | 300 |")
+    print(f"| 1, int8 | one byte per weight | {f['floor_1_int8']:.0f} | {fmt(measured('int8').get(1))} | 800 |")
     print(f"| {n}, float32 | Linear FLOPs at the measured rate + K/V reads | {f['floor_many']:.0f} | "
-          f"{fmt(measured.get(n))} | {'2,000' if n == 64 else '-'} |")
+          f"{fmt(measured('float32').get(n))} | {'2,000' if n == 64 else '-'} |")
 
 
 def main() -> None:

@@ -313,10 +313,11 @@ class Engine:
         dev = self.device
         ids_t = torch.tensor([ids], device=dev)
         pos_t = torch.tensor([positions], device=dev)
-        prompts = PackedPrompts([r.cached for r in reqs], dev)  # a token sees earlier tokens of its own prompt
+        lengths = [r.cached for r in reqs]
+        prompts = PackedPrompts(lengths, dev)  # a token sees earlier tokens of its own prompt
         write = PrefillWrite(self.cache, torch.tensor(rows, device=dev), pos_t[0])
         h = self.model.hidden(ids_t, pos_t, prompts, write)  # (1, N, C)
-        last = torch.tensor([r.cached for r in reqs], device=dev).cumsum(0) - 1
+        last = torch.tensor(lengths, device=dev).cumsum(0) - 1
         return self.model.head(h[0, last])
 
     def _decode(self, reqs: list[_Request]) -> torch.Tensor:
