@@ -153,9 +153,6 @@ class JAIHandler(BaseHandler):
 
     def handle(self, data, context):
         self.context = context
-        if self._is_describe():  # GET /models/jai?customized=true (BaseHandler's convention)
-            context.stopping_criteria = None  # the context outlives calls: a complete answer, not a stream
-            return [self.describe_handle()]
         replies = {}
         try:
             ahead = self.preprocess(data, context, replies)
@@ -166,7 +163,8 @@ class JAIHandler(BaseHandler):
             return self._fail_all(context)
 
     def preprocess(self, data, context, replies) -> list | None:
-        """Admit new requests into the engine; answer bad ones (and model lists) now; forget vanished ones.
+        """Admit new requests into the engine; answer bad ones, model lists and describes now; forget
+        vanished ones.
 
         Returns the outputs of the step that ran ahead (None: none did). New requests are parsed and
         tokenized while it runs; the engine is touched only once it is done.
@@ -176,6 +174,11 @@ class JAIHandler(BaseHandler):
         for idx, row in enumerate(data):
             request_id = context.request_ids[idx]
             if request_id in self.calls:
+                continue
+            # GET /models/jai?customized=true: alone in its batch, or (continuous batching, our frontend
+            # patch) beside running requests, so that it does not wait for them to end
+            if context.get_request_header(idx, "describe") == "True":
+                replies[idx] = (200, self.describe_handle())
                 continue
             view = route(context.get_request_header(idx, "url_path"))
             if draining:

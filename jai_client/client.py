@@ -143,9 +143,10 @@ class JAIClient:
 
     def describe(self, customized: bool = False) -> dict[str, Any]:
         """The model's workers and status; ``customized`` adds the handler's own description
-        (device, dtype, parameters, checkpoint hash, ...). A customized describe goes to the worker,
-        which answers it only once its running requests have finished, and new requests wait behind
-        it: keep it out of health checks and polling (README, Batching)."""
+        (device, dtype, parameters, checkpoint hash, ...). A customized describe is a job for the
+        worker (under continuous batching it joins the running batch and is answered between two engine
+        steps); health checks should not depend on the worker: use :meth:`health` or plain describe
+        (README, Monitoring)."""
         params = {"customized": "true"} if customized else None
         return self._call("GET", self.management_url, f"/models/{MODEL}", "management", params=params).json()[0]
 

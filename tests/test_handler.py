@@ -41,10 +41,11 @@ def call(handler, context, batch, monkeypatch=None):
     Each reply has the intermediate responses sent during the call (``chunks``), then the returned one.
     """
     context.request_ids = {i: rid for i, (rid, _) in enumerate(batch)}
-    context.request_processor = [RequestProcessor({"url_path": b.path} if isinstance(b, At) else {}) for _, b in batch]
+    context.request_processor = [RequestProcessor(headers(b)) for _, b in batch]
     context.stopping_criteria = None
     batch = [(rid, b.body if isinstance(b, At) else b) for rid, b in batch]
-    data = [body if isinstance(body, Form) else {"body": body} if body is not None else {} for _, body in batch]
+    data = [body if isinstance(body, Form) else {"body": body} if body not in (None, DESCRIBE) else {}
+            for _, body in batch]
     sent = []
 
     def record(ret, req_id_map, message, code, ctx):
@@ -145,6 +146,16 @@ class At(NamedTuple):
 
 class Form(dict):
     """What TorchServe passes for a form-encoded body: its fields, no "body"."""
+
+
+DESCRIBE = "GET /models/jai?customized=true"  # a batch entry TorchServe marks with its describe header
+
+
+def headers(entry) -> dict:
+    """The request headers TorchServe gives the handler for a batch entry of ``call``."""
+    if entry is DESCRIBE:
+        return {"describe": "True"}
+    return {"url_path": entry.path} if isinstance(entry, At) else {}
 
 
 BAD = [
@@ -272,6 +283,26 @@ def test_describe_request_returns_the_description(handler):
     context.request_processor = [RequestProcessor({"describe": "True"})]
     [described] = h.handle([{}], context)
     assert json.loads(described)["block_size"] == 32 and not h.running
+
+
+def test_a_describe_beside_running_requests_is_answered_and_they_go_on(handler):
+    """Continuous batching: our frontend patch lets a describe join the running batch (it used to wait
+    for every running request to end); it gets a complete answer, the streams their next lines."""
+    h, context = handler
+    long = {"prompt": "서울", "stream": True, "max_tokens": 12, "temperature": 0}
+    first = call(h, context, [("a", long), ("b", long)])
+    assert first["a"]["done"] is False and first["b"]["done"] is False
+    generated = {rid: h.running[rid].generated for rid in "ab"}
+    replies = call(h, context, [("a", None), ("d", DESCRIBE), ("b", None)])
+    described = replies["d"]
+    assert described["status"] == 200 and described["done"] is None and described["chunks"] == []
+    assert described["content_type"] == "application/json"
+    assert json.loads(described["body"])["running_requests"] == 2
+    for rid in "ab":  # this call stepped them as if the describe were not there
+        assert replies[rid]["done"] is False and h.running[rid].generated == generated[rid] + 1
+    finished = drive(h, context, [("a", None), ("b", None)])
+    assert all(json.loads(log[-1]["body"].splitlines()[-1])["finish_reason"] == "length" for log in finished.values())
+    assert not h.running and not h.calls
 
 
 # ----- the OpenAI view (url_path v1/...) through the same handler and engine -----

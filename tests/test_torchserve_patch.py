@@ -1,5 +1,5 @@
 """The TorchServe patch agent (torchserve-patch/) without a server: it accepts TorchServe 0.12.0's own
-classes and applies its three fixes; the third fix's behaviour on TorchServe's real ContinuousBatching,
+classes and applies its four fixes; the third fix's behaviour on TorchServe's real ContinuousBatching,
 next to the unpatched behaviour; a JVM whose classes are not the expected ones refuses to start with one
 clear line; serve.sh checks the jar first. tests/test_torchserve_patch_e2e.py shows the fixes through a
 real torchserve."""
@@ -38,18 +38,19 @@ def javac(*args):
     subprocess.run(["javac", *map(str, args)], check=True, capture_output=True, text=True, timeout=300)
 
 
-def test_the_agent_applies_its_three_fixes_to_torchserves_own_classes(agent_jar, tmp_path):
+def test_the_agent_applies_its_four_fixes_to_torchserves_own_classes(agent_jar, tmp_path):
     result = java(f"-javaagent:{agent_jar}", "-cp", f"{FRONTEND}/*:{agent_jar}", "jaiserve.tspatch.Check",
                   cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[:2] == ["patched org.pytorch.serve.wlm.Model", "patched org.pytorch.serve.wlm.ContinuousBatching"]
-    assert len([line for line in lines if line.startswith("  fix: ")]) == 3
-    assert lines[-1] == f"{NAME} check: OK, 3 fixes applied"
-    assert f"{NAME}: TorchServe classes checked; 3 fixes will apply as they load" in result.stderr
+    assert len([line for line in lines if line.startswith("  fix: ")]) == 4
+    assert lines[-1] == f"{NAME} check: OK, 4 fixes applied"
+    assert f"{NAME}: TorchServe classes checked; 4 fixes will apply as they load" in result.stderr
     # the line Model's class initializer logs (into logs/ts_log.log under torchserve)
-    assert re.search(rf"^INFO Model {NAME}: 3 fixes to TorchServe's continuous batcher: a describe job .*; "
-                     r"a worker with running requests .*; \"Intermediate\" messages .*$", result.stderr, re.M)
+    assert re.search(rf"^INFO Model {NAME}: 4 fixes to TorchServe's continuous batcher: a describe job .*; "
+                     r"a worker with running requests .*; \"Intermediate\" messages .*; "
+                     r"a describe job met while filling a batch joins it .*$", result.stderr, re.M)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -135,6 +136,8 @@ FAKE_BATCHER = """package org.pytorch.serve.wlm;
 public class ContinuousBatching {
     public boolean sendResponse(org.pytorch.serve.util.messages.ModelWorkerResponse message) { return true; }
 }"""
+GET_REQUEST = ("org.pytorch.serve.wlm.ContinuousBatching.getRequest(Ljava/lang/String;Lorg/pytorch/serve/wlm/"
+               "WorkerState;)Lorg/pytorch/serve/util/messages/BaseModelRequest;")
 MODEL_2 = "org.pytorch.serve.wlm.Model.pollInferJob(Ljava/util/Map;I)V"
 MODEL_3 = "org.pytorch.serve.wlm.Model.pollInferJob(Ljava/util/Map;ILjava/util/concurrent/LinkedBlockingDeque;)V"
 SEND = "org.pytorch.serve.wlm.ContinuousBatching.sendResponse(Lorg/pytorch/serve/util/messages/ModelWorkerResponse;)Z"
@@ -152,12 +155,14 @@ UNEXPECTED = {
     ),
     "Model compiled without a local variable table": (
         "Model", AS_IN_0_12_0, ["-g:none"],
+        f"expected a local variable table naming parameter jobsRepo in {MODEL_3} "
+        "(classes compiled with debug information), found none; "
         f"expected a local variable table naming parameter jobsRepo in {MODEL_2} "
         "(classes compiled with debug information), found none",
     ),
     "ContinuousBatching without the call sites": (
         "ContinuousBatching", FAKE_BATCHER, [],
-        f"expected 1 call(s) to Job.response in {SEND}, found 0",
+        f"expected 1 call(s) to Job.response in {SEND}, found 0; expected method {GET_REQUEST}, not found",
     ),
 }
 

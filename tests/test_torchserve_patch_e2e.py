@@ -3,8 +3,9 @@
 torchserve whose classes the agent does not know refusing to start.
 
 Without the agent, these tests fail (README.md, Batching): the describe test's requests hang (the
-describe job is re-queued forever), the two-worker streams stall until new traffic, and the intermediate
-handler's next requests get replies meant for another handle() call.
+describe job is re-queued forever; with fixes 1-3 only, the describe and the request behind it wait for
+every stream to end), the two-worker streams stall until new traffic, and the intermediate handler's next
+requests get replies meant for another handle() call.
 """
 
 import json
@@ -38,11 +39,11 @@ def continuous_server(ts_server):
     return ts_server
 
 
-def stream(server, index, first_line=None):
+def stream(server, index, first_line=None, max_tokens=LONG["max_tokens"]):
     """Stream request ``index``: (arrival time of each line, the parsed lines). A line that does not come
     within STALL_S fails the test (the unpatched stalls never end)."""
     times, lines = [], []
-    body = {"prompt": PROMPTS[index], "stream": True, "seed": index, **LONG}
+    body = {"prompt": PROMPTS[index], "stream": True, "seed": index, **LONG, "max_tokens": max_tokens}
     try:
         with server.predict(body, stream=True, timeout=(10, STALL_S)) as response:
             assert response.status_code == 200, response.text
@@ -76,19 +77,21 @@ def test_describe_under_load_and_idle_then_inference_goes_on(continuous_server):
     server = continuous_server
     first_lines = threading.Semaphore(0)
     with ThreadPoolExecutor(8) as pool:
-        streams = [pool.submit(stream, server, i, first_lines) for i in range(8)]
+        streams = [pool.submit(stream, server, i, first_lines, 120) for i in range(8)]
         for _ in streams:
             assert first_lines.acquire(timeout=120)
-        sent = time.monotonic()
         assert server.describe()["workers"]  # plain describe: the frontend answers it, no worker job
-        plain_answered = time.monotonic()
-        under_load = describe(server)  # customized: sent to the worker alone, once the batch has drained
-        customized_answered = time.monotonic()
+        under_load = describe(server)  # customized: joins the running batch (fix 4)
+        # a request queued behind the describe is admitted as before (unpatched it waited with it)
+        short = server.predict({"prompt": PROMPTS[0], "max_tokens": 4, "seed": 99}, timeout=60)
+        short_answered = time.monotonic()
         results = [s.result() for s in streams]
-    assert any(times[-1] > sent for times, _ in results)  # it really met running streams
-    # what README (Batching) tells operators: poll plain describe or /metrics, not customized=true
-    assert all(times[-1] > plain_answered for times, _ in results)
-    assert all(times[-1] <= customized_answered for times, _ in results)
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] >= 1
+    # answered by the handler inside the running batch, not after it drained
+    assert under_load["running_requests"] >= 1
+    # every stream (seeded: 60-120 lines each) was still running when the short request was answered;
+    # with fixes 1-3 only, both waited for the last stream to end
+    assert all(times[-1] > short_answered for times, _ in results)
     idle = describe(server)
     for described in (under_load, idle):
         assert described["dtype"] == "float32" and described["continuous_batching"] is True

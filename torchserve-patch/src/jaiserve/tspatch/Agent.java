@@ -2,11 +2,11 @@
  * jai-torchserve-patch: a Java agent that fixes TorchServe 0.12.0's continuous batcher at class load.
  *
  * Why: TorchServe is archived (master and the last nightly carry the same code), and its continuous
- * batcher, which JAI's handler speaks, has three defects that no setting avoids (README.md, Batching):
+ * batcher, which JAI's handler speaks, has four defects that no setting avoids (README.md, Batching):
  *   1. Model.pollInferJob(Map, int, LinkedBlockingDeque): a `GET /models/jai?customized=true` describe
  *      job taken as the first job of a batch is put into the batch AND back at the head of the queue, so
  *      it is answered forever and no inference request is admitted again. Fix: drop that first
- *      `jobsQueue.addFirst(j)`; the one inside the loop (a describe met while filling a batch) stays.
+ *      `jobsQueue.addFirst(j)`.
  *   2. Model.pollInferJob(Map, int): takes the model's queue lock unconditionally. An idle worker waits
  *      for new jobs while holding it, so a busy worker (which calls this before every step) stalls until
  *      new traffic arrives. Fix: when the caller's batch is not empty, tryLock() and skip admitting new
@@ -18,6 +18,12 @@
  *      "Intermediate" (what JAI's handler sends) is answered chunk by chunk and returns false, so the
  *      worker thread keeps reading replies; jobs leave the batch only with the handler's final message,
  *      which (like every other message) goes through the original code unchanged.
+ *   4. Model.pollInferJob(Map, int, LinkedBlockingDeque) again: a describe job met while filling a batch
+ *      is put back at the head of the queue until the batch is empty, i.e. under continuous batching
+ *      until every running request has ended, and the requests queued behind it wait as long. Fix: the
+ *      second `jobsQueue.addFirst(j)` puts the describe into the batch (JAI's handler answers a describe
+ *      at any index), and ContinuousBatching.getRequest lets a describe set the batch's command only
+ *      when it is the batch's one job, so a mixed batch stays a prediction.
  *
  * How: `vmargs=... -javaagent:torchserve-patch/build/jai-torchserve-patch.jar` in config.properties.
  * premain() reads the two class files from the class path WITHOUT loading them, checks that every method

@@ -22,7 +22,7 @@ import javassist.expr.ExprEditor;
 import javassist.expr.MethodCall;
 
 /**
- * The three fixes (see Agent's header), each checked against the class file before it is applied:
+ * The four fixes (see Agent's header), each checked against the class file before it is applied:
  * methods are found by name and descriptor, call sites by owner, name, descriptor, count and order.
  * Nothing here loads a TorchServe class: Javassist reads the class files through the class loader's
  * resources and compiles the inserted code against them, so a renamed method or field also refuses.
@@ -39,6 +39,9 @@ final class Patches {
             + " for the queue lock (Model.pollInferJob(Map,int))";
     static final String FIX_INTERMEDIATE = "\"" + INTERMEDIATE + "\" messages are streamed and the worker"
             + " keeps reading (ContinuousBatching.sendResponse)";
+    static final String FIX_DESCRIBE_JOINS = "a describe job met while filling a batch joins it instead of"
+            + " waiting at the head of the queue for the batch to end, and the batch stays a prediction"
+            + " (Model.pollInferJob(Map,int,LinkedBlockingDeque), ContinuousBatching.getRequest)";
 
     private static final String DEQUE = "java.util.concurrent.LinkedBlockingDeque";
     private static final String LOCK = "java.util.concurrent.locks.ReentrantLock";
@@ -47,6 +50,10 @@ final class Patches {
     private static final String POLL_BATCH = "(Ljava/util/Map;ILjava/util/concurrent/LinkedBlockingDeque;)V";
     private static final String POLL_ADMIT = "(Ljava/util/Map;I)V";
     private static final String SEND_RESPONSE = "(Lorg/pytorch/serve/util/messages/ModelWorkerResponse;)Z";
+    private static final String GET_REQUEST = "(Ljava/lang/String;Lorg/pytorch/serve/wlm/WorkerState;)"
+            + "Lorg/pytorch/serve/util/messages/BaseModelRequest;";
+    private static final String INFERENCE_REQUEST = "org.pytorch.serve.util.messages.ModelInferenceRequest";
+    private static final String COMMANDS = "org.pytorch.serve.util.messages.WorkerCommands";
     private static final String RESPONSE = "([BLjava/lang/CharSequence;ILjava/lang/String;Ljava/util/Map;)V";
     private static final String HELPER = "jaiAnswerIntermediate";
 
@@ -70,14 +77,14 @@ final class Patches {
             byte[] original = classFile(pool, MODEL);
             CtClass model = pool.makeClass(new ByteArrayInputStream(original));
             int before = problems.size();
-            attempt(problems, () -> dropFirstDescribeRequeue(model));
+            attempt(problems, () -> placeDescribeJobs(model));
             attempt(problems, () -> skipAdmissionWhenLockTaken(model));
             if (problems.size() > before) {
                 return null;
             }
-            // Model loads first (a ContinuousBatching needs one), and premain refuses unless all three
-            // fixes are ready: its line names all three
-            logWhenLoaded(model, Arrays.asList(FIX_DESCRIBE, FIX_LOCK, FIX_INTERMEDIATE));
+            // Model loads first (a ContinuousBatching needs one), and premain refuses unless all four
+            // fixes are ready: its line names all four
+            logWhenLoaded(model, Arrays.asList(FIX_DESCRIBE, FIX_LOCK, FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS));
             return new Patched(MODEL, original, model.toBytecode(), Arrays.asList(FIX_DESCRIBE, FIX_LOCK));
         } catch (Refusal e) {
             problems.add(e.getMessage());
@@ -91,8 +98,14 @@ final class Patches {
         try {
             byte[] original = classFile(pool, BATCHER);
             CtClass batcher = pool.makeClass(new ByteArrayInputStream(original));
-            answerIntermediateMessages(batcher);
-            return new Patched(BATCHER, original, batcher.toBytecode(), Arrays.asList(FIX_INTERMEDIATE));
+            int before = problems.size();
+            attempt(problems, () -> answerIntermediateMessages(batcher));
+            attempt(problems, () -> keepPredictingWithADescribe(batcher));
+            if (problems.size() > before) {
+                return null;
+            }
+            return new Patched(BATCHER, original, batcher.toBytecode(),
+                    Arrays.asList(FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS));
         } catch (Refusal e) {
             problems.add(e.getMessage());
         } catch (IOException | CannotCompileException | RuntimeException e) {
@@ -101,12 +114,38 @@ final class Patches {
         return null;
     }
 
-    /** Fix 1: of the two `jobsQueue.addFirst(j)` calls, the first (first-job branch) becomes a no-op. */
-    private static void dropFirstDescribeRequeue(CtClass model) throws Refusal, CannotCompileException {
+    /**
+     * Fixes 1 and 4 (queue side), the two `jobsQueue.addFirst(j)` calls of pollInferJob:
+     * - the first (first-job branch: the describe is already in jobsRepo) becomes a no-op: leaving it
+     *   there and returning sends it alone, once (fix 1);
+     * - the second (a describe met while filling a batch, which 0.12.0 puts back at the head of the queue
+     *   and ends the batch with) puts the describe into the batch instead (fix 4). Under continuous
+     *   batching the batch never empties while requests stream, so the describe used to wait for every
+     *   running request and, at the head of the queue, held back every request behind it. JAI's handler
+     *   answers a describe at any index of a batch (handler/jai_handler.py). The default batcher does not
+     *   call this method (it uses Model.pollBatch): its describe is still sent alone.
+     */
+    private static void placeDescribeJobs(CtClass model) throws Refusal, CannotCompileException {
         CtMethod poll = declared(model, "pollInferJob", POLL_BATCH);
         expectCalls(poll, DEQUE, "addFirst", "(Ljava/lang/Object;)V", 2);
-        // the describe job is already in jobsRepo: leaving it there (and returning) sends it alone
+        expectParameter(poll, 1, "jobsRepo", "Ljava/util/Map;");  // named by the replacement
+        // the second first: replacing it leaves the first call's index as it is
+        replaceCall(poll, DEQUE, "addFirst", "(Ljava/lang/Object;)V", 1,
+                "{ jobsRepo.put(((" + JOB + ") $1).getJobId(), $1); }");
         replaceCall(poll, DEQUE, "addFirst", "(Ljava/lang/Object;)V", 0, "{ }");
+    }
+
+    /**
+     * Fix 4, batch side: ContinuousBatching.getRequest gives the batch the command of its last job, so a
+     * describe joining running requests would make the whole batch a DESCRIBE (for the worker thread:
+     * no failure on a reply timeout). A describe sets the command only when it is the batch's one job.
+     */
+    private static void keepPredictingWithADescribe(CtClass batcher) throws Refusal, CannotCompileException {
+        CtMethod get = declared(batcher, "getRequest", GET_REQUEST);
+        String setCommand = "(L" + COMMANDS.replace('.', '/') + ";)V";
+        expectCalls(get, INFERENCE_REQUEST, "setCommand", setCommand, 1);
+        replaceCall(get, INFERENCE_REQUEST, "setCommand", setCommand, 0,
+                "{ if ($1 != " + COMMANDS + ".DESCRIBE || jobs.size() == 1) { $0.setCommand($1); } }");
     }
 
     /**
