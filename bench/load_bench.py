@@ -4,7 +4,7 @@ latency (p50/p99) per concurrency, for each TorchServe batching mode; then a mix
 drawn from 16..512, clients starting at random times) per mode.
 
     .venv/bin/python bench/load_bench.py [--modes default continuous] [--clients 1 4 16 64]
-                                         [--tokens 128] [--requests-per-client 2] [--no-stream]
+                                         [--tokens 128] [--requests-per-client 2] [--rounds 1] [--no-stream]
                                          [--budgets 25] [--step-ahead on off] [--mixed-clients 16]
                                          [--plot PNG]
                                          [--routes native openai]
@@ -20,8 +20,10 @@ The model is the seed's full default shape (24000/256/6/6/384) with random weigh
 24000-token tokenizer (every token decodes to a few ASCII letters, so every token is one stream line),
 served from the repo's config.properties and model-config.yaml (batching keys overridden per mode) on
 free ports. Every configuration's server is started first and each concurrency level then runs on each
-server in turn, so modes are compared minutes apart. Writes bench/results/load.json. The machine is
-shared: compare modes within one run.
+server in turn, so modes are compared minutes apart; ``--rounds N`` repeats that N times (servers still
+interleaved) and reports each figure's median over the rounds, with every round's tokens/s kept
+(``tokens_per_s_runs``): on this shared machine one run's figures move by 10-20%. The mixed run runs once.
+Writes bench/results/load.json. Compare modes within one run.
 """
 
 from __future__ import annotations
@@ -168,6 +170,18 @@ def run_level(server, clients: int, requests_per_client: int, tokens, stream: bo
     }
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One concurrency level run ``len(runs)`` times on one server: every figure's median, and each
+    round's tokens/s."""
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            row[key] = statistics.median(r[key] for r in runs)
+    row["requests"] = sum(r["requests"] for r in runs)
+    row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+    return row
+
+
 def configurations(modes: list[str], budgets: list[float], aheads: list[bool]) -> list[tuple[str, dict]]:
     """(label, model-config overrides) per server to start: the continuous batcher once per budget and
     step-ahead setting."""
@@ -193,7 +207,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for label in dict.fromkeys(_label(r) for r in rows if not r.get("mixed")):
         mine = [r for r in rows if _label(r) == label and not r.get("mixed")]
         clients = [r["clients"] for r in mine]
-        left.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=label)
+        [line] = left.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=label)
+        if all(len(r.get("tokens_per_s_runs", ())) > 1 for r in mine):  # --rounds: every round's spread
+            left.fill_between(clients, [min(r["tokens_per_s_runs"]) for r in mine],
+                              [max(r["tokens_per_s_runs"]) for r in mine], color=line.get_color(), alpha=0.2)
         right.plot(clients, [r["ttft_ms_p50"] for r in mine], marker="o", label=label)
     for axis, title in ((left, "tokens/s (higher is better)"), (right, "TTFT p50, ms (lower is better)")):
         axis.set_xscale("log", base=2)
@@ -217,6 +234,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every concurrency level this many times (servers interleaved); report medians")
     parser.add_argument("--batch-size", type=int, default=64, help="model-config batchSize (engine slots)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[None],
                         help="handler.step_budget_ms values for the continuous batcher (default: the yaml's)")
@@ -254,12 +273,15 @@ def main() -> None:
             # each concurrency level runs on every server in turn: the modes compare minutes apart, not a
             # whole run apart (this shared machine's speed drifts by 10-20% over half an hour)
             for clients in args.clients:
-                for (label, server), route in itertools.product(servers, args.routes):
+                runs: dict[tuple[str, str], list[dict]] = {}
+                for _round, ((label, server), route) in itertools.product(
+                        range(args.rounds), itertools.product(servers, args.routes)):
                     row = {"mode": label, "route": route, "stream": stream,
                            **run_level(server, clients, args.requests_per_client, args.tokens, stream, route=route)}
-                    rows.append(row)
+                    runs.setdefault((label, route), []).append(row)
                     print(f"  {label:18s} {route:6s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
                           f"ttft p50 {row['ttft_ms_p50']:7.0f} ms, client {row['client_cpu_cores']:.2f} cores", file=sys.stderr)
+                rows += [median_row(level) for level in runs.values()]
             for (label, server), route in itertools.product(servers, args.routes if args.mixed_clients else ()):
                 row = {"mode": label, "route": route, "stream": stream, "mixed": True,
                        **run_level(server, args.mixed_clients, args.requests_per_client, MIXED_TOKENS, stream,
@@ -269,12 +291,16 @@ def main() -> None:
                       f"{row['tokens_per_s']:7.1f} tokens/s ttft p99 {row['ttft_ms_p99']:7.0f} ms", file=sys.stderr)
     rows.sort(key=lambda r: [label for label, _ in configurations(args.modes, budgets, aheads)].index(r["mode"]))
     print(f"\nClosed loop, {args.tokens} tokens/request, {'streamed' if stream else 'not streamed'}, "
-          f"batchSize {args.batch_size}, full default shape, float32\n")
+          f"batchSize {args.batch_size}, full default shape, float32"
+          + (f"; median of {args.rounds} rounds (tokens/s range)" if args.rounds > 1 else "") + "\n")
     print("| batcher | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | latency p50 / p99 (ms) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         clients = f"{r['clients']} mixed" if r.get("mixed") else r["clients"]
-        print(f"| {_label(r)} | {clients} | {r['tokens_per_s']:.0f} | {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} "
+        tokens = f"{r['tokens_per_s']:.0f}"
+        if len(r.get("tokens_per_s_runs", ())) > 1:
+            tokens += f" ({min(r['tokens_per_s_runs']):.0f}-{max(r['tokens_per_s_runs']):.0f})"
+        print(f"| {_label(r)} | {clients} | {tokens} | {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} "
               f"| {r['itl_ms_p50']:.0f} / {r['itl_ms_p99']:.0f} | {r['latency_ms_p50']:.0f} / {r['latency_ms_p99']:.0f} |")
     for r in rows:  # --routes native openai: the OpenAI view's cost, same server, same load
         native = [n for n in rows if n.get("route") == "native" and (n["mode"], n["clients"], n.get("mixed")) ==
@@ -285,7 +311,7 @@ def main() -> None:
                   f"{r['tokens_per_s']:.0f} vs native {native[0]['tokens_per_s']:.0f} tokens/s ({change:+.1%})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"tokens": args.tokens, "stream": stream, "batch_size": args.batch_size,
-                                    "mixed_tokens": MIXED_TOKENS, "rows": rows}, indent=2))
+                                    "rounds": args.rounds, "mixed_tokens": MIXED_TOKENS, "rows": rows}, indent=2))
     if args.plot:
         plot(rows, args.plot)
 
