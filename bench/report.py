@@ -138,6 +138,7 @@ def quality(demo_dir: Path) -> dict:
     held_out = held_out_documents()
     other_seed = demo.make_corpus(seed=1, size=200)
     tokens, rows = {}, {}
+    reference = None  # the float32 model: DTYPES lists it first
     for dtype in DTYPES:
         model = load_model(checkpoint, dtype=dtype)
         tokenizer = load_tokenizer(tokenizer_path, model.config.vocab_size)
@@ -147,13 +148,13 @@ def quality(demo_dir: Path) -> dict:
         tokens[dtype] = [c.token_ids for c in engine.generate(prompt_ids, params)]
         rows[dtype] = {"perplexity_held_out_pairs": perplexity(model, tokenizer, held_out),
                        "perplexity_other_seed": perplexity(model, tokenizer, other_seed)}
-        if dtype != "float32":
+        if dtype == "float32":
+            reference = model
+        else:
             rows[dtype].update(agreement(tokens["float32"], tokens[dtype]))
-            margins = sorted(divergence_margins(float32, prompt_ids, tokens["float32"], tokens[dtype]))
+            margins = sorted(divergence_margins(reference, prompt_ids, tokens["float32"], tokens[dtype]))
             rows[dtype]["fp32_top2_gap_at_divergence"] = {
                 "median": margins[len(margins) // 2] if margins else None, "max": max(margins, default=None)}
-        else:
-            float32 = model
         print(f"  quality {dtype:9s} {rows[dtype]}", file=sys.stderr)
     return {"prompts": len(prompts), "held_out_prompts": 2 * len(demo.held_out_pairs()),
             "tokens": QUALITY_TOKENS, "held_out_documents": len(held_out), "other_seed_documents": len(other_seed),
