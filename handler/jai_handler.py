@@ -296,8 +296,9 @@ class JAIHandler(BaseHandler):
                 responses.append(call.exchange.chunk())
                 criteria.append(False)
                 call.chunked = True
-        if self.continuous:  # the default batcher ends every request of the batch here
-            context.stopping_criteria = [lambda _, done=done: done for done in criteria]
+        # TorchServe keeps one context for every call: the default batcher ends every request of the batch
+        # here, and must not leave the criteria of an earlier (failed) call to answer this one
+        context.stopping_criteria = [lambda _, done=done: done for done in criteria] if self.continuous else None
         return responses
 
     # ----- helpers -----

@@ -218,6 +218,21 @@ def test_engine_failure_is_a_500_and_the_next_request_works(model_dir, monkeypat
     assert json.loads(log["y"][-1]["body"])["usage"]["completion_tokens"] == 2
 
 
+def test_default_batcher_leaves_no_criteria_of_a_failed_batch_behind(model_dir, monkeypatch):
+    """TorchServe keeps one context for every call: the stream criteria a failed batch set must not
+    answer the next batch (one with more requests would index past them)."""
+    h, context = make_handler(model_dir, continuousBatching=False)
+    monkeypatch.setattr(h.engine, "step", lambda: 1 / 0)
+    assert call(h, context, [("x", {"prompt": "서울"})])["x"]["status"] == 500
+    monkeypatch.undo()
+    assert context.stopping_criteria is not None  # what the failure answered with
+    context.request_ids = {0: "y", 1: "z"}  # the next call, without call()'s reset of the criteria
+    context.request_processor = [RequestProcessor({}), RequestProcessor({})]
+    bodies = h.handle([{"body": {"prompt": p, "max_tokens": 2}} for p in ("서울", "부산")], context)
+    assert [json.loads(b)["usage"]["completion_tokens"] for b in bodies] == [2, 2]
+    assert context.stopping_criteria is None
+
+
 def test_default_batcher_runs_the_batch_to_completion_and_streams(model_dir):
     h, context = make_handler(model_dir, continuousBatching=False)
     replies = call(h, context, [
