@@ -1,5 +1,5 @@
 """The TorchServe patch agent (torchserve-patch/) without a server: it accepts TorchServe 0.12.0's own
-classes and applies its four fixes; the third fix's behaviour on TorchServe's real ContinuousBatching,
+classes and applies its five fixes; the third and fifth fixes behaviour on TorchServe's real ContinuousBatching,
 next to the unpatched behaviour; a JVM whose classes are not the expected ones refuses to start with one
 clear line; serve.sh checks the jar first. tests/test_torchserve_patch_e2e.py shows the fixes through a
 real torchserve."""
@@ -38,19 +38,21 @@ def javac(*args):
     subprocess.run(["javac", *map(str, args)], check=True, capture_output=True, text=True, timeout=300)
 
 
-def test_the_agent_applies_its_four_fixes_to_torchserves_own_classes(agent_jar, tmp_path):
+def test_the_agent_applies_its_five_fixes_to_torchserves_own_classes(agent_jar, tmp_path):
     result = java(f"-javaagent:{agent_jar}", "-cp", f"{FRONTEND}/*:{agent_jar}", "jaiserve.tspatch.Check",
                   cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:2] == ["patched org.pytorch.serve.wlm.Model", "patched org.pytorch.serve.wlm.ContinuousBatching"]
-    assert len([line for line in lines if line.startswith("  fix: ")]) == 4
-    assert lines[-1] == f"{NAME} check: OK, 4 fixes applied"
-    assert f"{NAME}: TorchServe classes checked; 4 fixes will apply as they load" in result.stderr
+    assert lines[:3] == ["patched org.pytorch.serve.wlm.Model", "patched org.pytorch.serve.wlm.ContinuousBatching",
+                         "patched org.pytorch.serve.util.codec.ModelRequestEncoder"]
+    assert len([line for line in lines if line.startswith("  fix: ")]) == 5
+    assert lines[-1] == f"{NAME} check: OK, 5 fixes applied"
+    assert f"{NAME}: TorchServe classes checked; 5 fixes will apply as they load" in result.stderr
     # the line Model's class initializer logs (into logs/ts_log.log under torchserve)
-    assert re.search(rf"^INFO Model {NAME}: 4 fixes to TorchServe's continuous batcher: a describe job .*; "
+    assert re.search(rf"^INFO Model {NAME}: 5 fixes to TorchServe's continuous batcher: a describe job .*; "
                      r"a worker with running requests .*; \"Intermediate\" messages .*; "
-                     r"a describe job met while filling a batch joins it .*$", result.stderr, re.M)
+                     r"a describe job met while filling a batch joins it .*; "
+                     r"a request the worker already runs is re-sent without its HTTP headers .*$", result.stderr, re.M)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -78,14 +80,14 @@ def test_config_properties_loads_the_jar_that_setup_builds(agent_jar):
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
-    """tests/java/SendResponseProbe.java compiled against the installed TorchServe."""
+    """tests/java/*Probe.java compiled against the installed TorchServe."""
     classes = tmp_path_factory.mktemp("probe")
-    javac("-cp", f"{FRONTEND}/*", "-d", classes, ROOT / "tests" / "java" / "SendResponseProbe.java")
+    javac("-cp", f"{FRONTEND}/*", "-d", classes, *(ROOT / "tests" / "java").glob("*Probe.java"))
     return classes
 
 
-def run_probe(probe, tmp_path, *agent):
-    result = java(QUIET_LOG4J, *agent, "-cp", f"{probe}:{FRONTEND}/*", "SendResponseProbe", cwd=tmp_path)
+def run_probe(probe, tmp_path, *agent, name="SendResponseProbe"):
+    result = java(QUIET_LOG4J, *agent, "-cp", f"{probe}:{FRONTEND}/*", name, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
@@ -108,6 +110,23 @@ def test_unpatched_torchserve_ends_the_step_at_the_first_intermediate_message(pr
     # true: the worker thread sends the next request while the handler is still in handle()
     assert lines[0].startswith("intermediate 1: returned true;")
     assert lines[1].startswith("intermediate 2: threw IllegalStateException;")  # an id not in the batch
+
+
+# ----- fix 5 on TorchServe's real ModelRequestEncoder -----
+
+ARRIVING = "arriving: headers [url_path=v1/completions content-type=application/json] parameters [body]"
+
+
+def test_a_running_request_is_re_sent_without_its_headers(agent_jar, probe, tmp_path):
+    # the frame keeps its shape (an empty header list), so TorchServe's Python worker reads it as before
+    assert run_probe(probe, tmp_path, f"-javaagent:{agent_jar}", name="EncoderProbe") == [
+        "command I", ARRIVING, "running: headers [] parameters []", "bytes left 0"]
+
+
+def test_unpatched_torchserve_re_sends_every_header_of_a_running_request(probe, tmp_path):
+    assert run_probe(probe, tmp_path, name="EncoderProbe") == [
+        "command I", ARRIVING,
+        "running: headers [url_path=v1/completions content-type=application/json] parameters []", "bytes left 0"]
 
 
 # ----- unexpected classes: the JVM refuses to start -----
@@ -136,6 +155,12 @@ FAKE_BATCHER = """package org.pytorch.serve.wlm;
 public class ContinuousBatching {
     public boolean sendResponse(org.pytorch.serve.util.messages.ModelWorkerResponse message) { return true; }
 }"""
+FAKE_ENCODER = """package org.pytorch.serve.util.codec;
+public class ModelRequestEncoder {
+    private void encodeRequest(org.pytorch.serve.util.messages.RequestInput req, io.netty.buffer.ByteBuf out) { }
+}"""
+ENCODE = ("org.pytorch.serve.util.codec.ModelRequestEncoder.encodeRequest(Lorg/pytorch/serve/util/messages/"
+          "RequestInput;Lio/netty/buffer/ByteBuf;)V")
 GET_REQUEST = ("org.pytorch.serve.wlm.ContinuousBatching.getRequest(Ljava/lang/String;Lorg/pytorch/serve/wlm/"
                "WorkerState;)Lorg/pytorch/serve/util/messages/BaseModelRequest;")
 MODEL_2 = "org.pytorch.serve.wlm.Model.pollInferJob(Ljava/util/Map;I)V"
@@ -163,6 +188,10 @@ UNEXPECTED = {
     "ContinuousBatching without the call sites": (
         "ContinuousBatching", FAKE_BATCHER, [],
         f"expected 1 call(s) to Job.response in {SEND}, found 0; expected method {GET_REQUEST}, not found",
+    ),
+    "ModelRequestEncoder without the call sites": (
+        "ModelRequestEncoder", FAKE_ENCODER, [],
+        f"expected 1 call(s) to RequestInput.getHeaders in {ENCODE}, found 0",
     ),
 }
 

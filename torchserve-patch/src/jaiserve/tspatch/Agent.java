@@ -24,9 +24,12 @@
  *      second `jobsQueue.addFirst(j)` puts the describe into the batch (JAI's handler answers a describe
  *      at any index), and ContinuousBatching.getRequest lets a describe set the batch's command only
  *      when it is the batch's one job, so a mixed batch stays a prediction.
+ * And one cost: 5. ModelRequestEncoder.encodeRequest re-sends every running request's HTTP headers at
+ *      every continuous handle() call, which the Python worker parses field by field. Fix: a request
+ *      cached in the backend (already running there) is encoded with an empty header list.
  *
  * How: `vmargs=... -javaagent:torchserve-patch/build/jai-torchserve-patch.jar` in config.properties.
- * premain() reads the two class files from the class path WITHOUT loading them, checks that every method
+ * premain() reads the three class files from the class path WITHOUT loading them, checks that every method
  * and call site is exactly where TorchServe 0.12.0 has it (name, descriptor, call count and order), and
  * prepares the rewritten bytes with Javassist (bundled into the jar by build.sh). A transformer then hands
  * those bytes to the JVM when the classes load. Anything unexpected (another TorchServe build) prints ONE

@@ -22,7 +22,7 @@ import javassist.expr.ExprEditor;
 import javassist.expr.MethodCall;
 
 /**
- * The four fixes (see Agent's header), each checked against the class file before it is applied:
+ * The five fixes (see Agent's header), each checked against the class file before it is applied:
  * methods are found by name and descriptor, call sites by owner, name, descriptor, count and order.
  * Nothing here loads a TorchServe class: Javassist reads the class files through the class loader's
  * resources and compiles the inserted code against them, so a renamed method or field also refuses.
@@ -30,6 +30,7 @@ import javassist.expr.MethodCall;
 final class Patches {
     static final String MODEL = "org.pytorch.serve.wlm.Model";
     static final String BATCHER = "org.pytorch.serve.wlm.ContinuousBatching";
+    static final String ENCODER = "org.pytorch.serve.util.codec.ModelRequestEncoder";
     /** The `message` JAI's handler passes to send_intermediate_predict_response (handler/jai_handler.py). */
     static final String INTERMEDIATE = "Intermediate";
 
@@ -42,6 +43,8 @@ final class Patches {
     static final String FIX_DESCRIBE_JOINS = "a describe job met while filling a batch joins it instead of"
             + " waiting at the head of the queue for the batch to end, and the batch stays a prediction"
             + " (Model.pollInferJob(Map,int,LinkedBlockingDeque), ContinuousBatching.getRequest)";
+    static final String FIX_HEADERS = "a request the worker already runs is re-sent without its HTTP headers"
+            + " (ModelRequestEncoder.encodeRequest)";
 
     private static final String DEQUE = "java.util.concurrent.LinkedBlockingDeque";
     private static final String LOCK = "java.util.concurrent.locks.ReentrantLock";
@@ -54,6 +57,8 @@ final class Patches {
             + "Lorg/pytorch/serve/util/messages/BaseModelRequest;";
     private static final String INFERENCE_REQUEST = "org.pytorch.serve.util.messages.ModelInferenceRequest";
     private static final String COMMANDS = "org.pytorch.serve.util.messages.WorkerCommands";
+    private static final String INPUT = "org.pytorch.serve.util.messages.RequestInput";
+    private static final String ENCODE_REQUEST = "(L" + INPUT.replace('.', '/') + ";Lio/netty/buffer/ByteBuf;)V";
     private static final String RESPONSE = "([BLjava/lang/CharSequence;ILjava/lang/String;Ljava/util/Map;)V";
     private static final String HELPER = "jaiAnswerIntermediate";
 
@@ -66,10 +71,11 @@ final class Patches {
         List<String> problems = new ArrayList<>();
         Patched model = patchModel(pool, problems);
         Patched batcher = patchBatcher(pool, problems);
+        Patched encoder = patchEncoder(pool, problems);
         if (!problems.isEmpty()) {
             throw new Refusal(String.join("; ", problems));
         }
-        return Arrays.asList(model, batcher);
+        return Arrays.asList(model, batcher, encoder);
     }
 
     private static Patched patchModel(ClassPool pool, List<String> problems) {
@@ -82,9 +88,9 @@ final class Patches {
             if (problems.size() > before) {
                 return null;
             }
-            // Model loads first (a ContinuousBatching needs one), and premain refuses unless all four
-            // fixes are ready: its line names all four
-            logWhenLoaded(model, Arrays.asList(FIX_DESCRIBE, FIX_LOCK, FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS));
+            // Model loads first (a ContinuousBatching needs one), and premain refuses unless all five
+            // fixes are ready: its line names all five
+            logWhenLoaded(model, Arrays.asList(FIX_DESCRIBE, FIX_LOCK, FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS, FIX_HEADERS));
             return new Patched(MODEL, original, model.toBytecode(), Arrays.asList(FIX_DESCRIBE, FIX_LOCK));
         } catch (Refusal e) {
             problems.add(e.getMessage());
@@ -112,6 +118,39 @@ final class Patches {
             problems.add(BATCHER + ": " + e);
         }
         return null;
+    }
+
+    private static Patched patchEncoder(ClassPool pool, List<String> problems) {
+        try {
+            byte[] original = classFile(pool, ENCODER);
+            CtClass encoder = pool.makeClass(new ByteArrayInputStream(original));
+            int before = problems.size();
+            attempt(problems, () -> noHeadersForCachedRequests(encoder));
+            if (problems.size() > before) {
+                return null;
+            }
+            return new Patched(ENCODER, original, encoder.toBytecode(), Arrays.asList(FIX_HEADERS));
+        } catch (Refusal e) {
+            problems.add(e.getMessage());
+        } catch (IOException | CannotCompileException | RuntimeException e) {
+            problems.add(ENCODER + ": " + e);
+        }
+        return null;
+    }
+
+    /**
+     * Fix 5: under continuous batching TorchServe sends every running request again at every handle()
+     * call, marked cached in the backend and without its body, but with all its HTTP headers, which the
+     * Python worker reads with four socket reads each (64 streams: half of the handler thread's CPU).
+     * The handler reads headers only when a request arrives, so a cached request's are left out: the
+     * header loop of encodeRequest sees an empty map. The frame keeps its shape (an empty header list).
+     */
+    private static void noHeadersForCachedRequests(CtClass encoder) throws Refusal, CannotCompileException {
+        CtMethod encode = declared(encoder, "encodeRequest", ENCODE_REQUEST);
+        expectCalls(encode, INPUT, "getHeaders", "()Ljava/util/Map;", 1);
+        expectCalls(encode, INPUT, "isCachedInBackend", "()Z", 1);
+        replaceCall(encode, INPUT, "getHeaders", "()Ljava/util/Map;", 0,
+                "{ $_ = $0.isCachedInBackend() ? java.util.Collections.EMPTY_MAP : $proceed($$); }");
     }
 
     /**
