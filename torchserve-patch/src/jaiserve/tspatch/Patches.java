@@ -69,71 +69,40 @@ final class Patches {
         ClassPool pool = new ClassPool(false);
         pool.appendClassPath(new LoaderClassPath(loader));
         List<String> problems = new ArrayList<>();
-        Patched model = patchModel(pool, problems);
-        Patched batcher = patchBatcher(pool, problems);
-        Patched encoder = patchEncoder(pool, problems);
+        // Model loads first (a ContinuousBatching needs one), and premain refuses unless all five fixes
+        // are ready: the line Model logs names all five
+        Patched model = patch(pool, problems, MODEL, Arrays.asList(FIX_DESCRIBE, FIX_LOCK),
+                Patches::placeDescribeJobs, Patches::skipAdmissionWhenLockTaken,
+                m -> logWhenLoaded(m, Arrays.asList(FIX_DESCRIBE, FIX_LOCK, FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS,
+                        FIX_HEADERS)));
+        Patched batcher = patch(pool, problems, BATCHER, Arrays.asList(FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS),
+                Patches::answerIntermediateMessages, Patches::keepPredictingWithADescribe);
+        Patched encoder = patch(pool, problems, ENCODER, Arrays.asList(FIX_HEADERS),
+                Patches::noHeadersForCachedRequests);
         if (!problems.isEmpty()) {
             throw new Refusal(String.join("; ", problems));
         }
         return Arrays.asList(model, batcher, encoder);
     }
 
-    private static Patched patchModel(ClassPool pool, List<String> problems) {
+    /**
+     * One class's edits, in order, on its class file as read from the class path. Every edit runs (so
+     * one refusal line names every mismatch); null when any of them was refused.
+     */
+    private static Patched patch(ClassPool pool, List<String> problems, String className, List<String> fixes,
+            Edit... edits) {
         try {
-            byte[] original = classFile(pool, MODEL);
-            CtClass model = pool.makeClass(new ByteArrayInputStream(original));
+            byte[] original = classFile(pool, className);
+            CtClass cls = pool.makeClass(new ByteArrayInputStream(original));
             int before = problems.size();
-            attempt(problems, () -> placeDescribeJobs(model));
-            attempt(problems, () -> skipAdmissionWhenLockTaken(model));
-            if (problems.size() > before) {
-                return null;
+            for (Edit edit : edits) {
+                attempt(problems, () -> edit.apply(cls));
             }
-            // Model loads first (a ContinuousBatching needs one), and premain refuses unless all five
-            // fixes are ready: its line names all five
-            logWhenLoaded(model, Arrays.asList(FIX_DESCRIBE, FIX_LOCK, FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS, FIX_HEADERS));
-            return new Patched(MODEL, original, model.toBytecode(), Arrays.asList(FIX_DESCRIBE, FIX_LOCK));
+            return problems.size() > before ? null : new Patched(className, original, cls.toBytecode(), fixes);
         } catch (Refusal e) {
             problems.add(e.getMessage());
         } catch (IOException | CannotCompileException | RuntimeException e) {
-            problems.add(MODEL + ": " + e);
-        }
-        return null;
-    }
-
-    private static Patched patchBatcher(ClassPool pool, List<String> problems) {
-        try {
-            byte[] original = classFile(pool, BATCHER);
-            CtClass batcher = pool.makeClass(new ByteArrayInputStream(original));
-            int before = problems.size();
-            attempt(problems, () -> answerIntermediateMessages(batcher));
-            attempt(problems, () -> keepPredictingWithADescribe(batcher));
-            if (problems.size() > before) {
-                return null;
-            }
-            return new Patched(BATCHER, original, batcher.toBytecode(),
-                    Arrays.asList(FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS));
-        } catch (Refusal e) {
-            problems.add(e.getMessage());
-        } catch (IOException | CannotCompileException | RuntimeException e) {
-            problems.add(BATCHER + ": " + e);
-        }
-        return null;
-    }
-
-    private static Patched patchEncoder(ClassPool pool, List<String> problems) {
-        try {
-            byte[] original = classFile(pool, ENCODER);
-            CtClass encoder = pool.makeClass(new ByteArrayInputStream(original));
-            int before = problems.size();
-            attempt(problems, () -> noHeadersForCachedRequests(encoder));
-            if (problems.size() > before) {
-                return null;
-            }
-            return new Patched(ENCODER, original, encoder.toBytecode(), Arrays.asList(FIX_HEADERS));
-        } catch (Refusal e) {
-            problems.add(e.getMessage());
-        } catch (IOException | CannotCompileException | RuntimeException e) {
-            problems.add(ENCODER + ": " + e);
+            problems.add(className + ": " + e);
         }
         return null;
     }
@@ -323,6 +292,11 @@ final class Patches {
 
     private interface Step {
         void run() throws Refusal, CannotCompileException;
+    }
+
+    /** A rewrite of one class: checks its call sites, then edits them (or throws Refusal). */
+    private interface Edit {
+        void apply(CtClass cls) throws Refusal, CannotCompileException;
     }
 
     /** Runs one fix; a mismatch is recorded and the other fixes are still checked (one line names all). */
