@@ -175,8 +175,9 @@ def test_decode_attention_matches_scaled_dot_product_attention():
 
 
 def test_packed_prompts_attend_like_a_block_diagonal_mask():
-    """Prefill attention per prompt (rows padded to the longest) equals one attention over the packed
-    sequence with a block-diagonal causal mask, which costs the square of the whole step's tokens."""
+    """Prefill attention per prompt (grouped by length, each group padded to its longest) equals one
+    attention over the packed sequence with a block-diagonal causal mask, which costs the square of the
+    whole step's tokens."""
     torch.manual_seed(0)
     nh, hs, lengths = 3, 8, [5, 1, 12, 3, 7, 2, 30]  # length groups {5, 7} {3} {1} {12} {2} {30}
     N, C = sum(lengths), nh * hs

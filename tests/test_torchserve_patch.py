@@ -1,8 +1,8 @@
 """The TorchServe patch agent (torchserve-patch/) without a server: it accepts TorchServe 0.12.0's own
-classes and applies its five fixes; the third and fifth fixes behaviour on TorchServe's real ContinuousBatching,
-next to the unpatched behaviour; a JVM whose classes are not the expected ones refuses to start with one
-clear line; serve.sh checks the jar first. tests/test_torchserve_patch_e2e.py shows the fixes through a
-real torchserve."""
+classes and applies its five fixes; the third fix's behaviour on TorchServe's real ContinuousBatching and
+the fifth's on its real ModelRequestEncoder, each next to the unpatched behaviour; a JVM whose classes
+are not the expected ones refuses to start with one clear line; serve.sh checks the jar first.
+tests/test_torchserve_patch_e2e.py shows the fixes through a real torchserve."""
 
 import os
 import re

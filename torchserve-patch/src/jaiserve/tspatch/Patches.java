@@ -69,16 +69,19 @@ final class Patches {
         ClassPool pool = new ClassPool(false);
         pool.appendClassPath(new LoaderClassPath(loader));
         List<String> problems = new ArrayList<>();
-        // Model loads first (a ContinuousBatching needs one), and premain refuses unless all five fixes
-        // are ready: the line Model logs names all five
-        Patched model = patch(pool, problems, MODEL, Arrays.asList(FIX_DESCRIBE, FIX_LOCK),
-                Patches::placeDescribeJobs, Patches::skipAdmissionWhenLockTaken,
-                m -> logWhenLoaded(m, Arrays.asList(FIX_DESCRIBE, FIX_LOCK, FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS,
-                        FIX_HEADERS)));
-        Patched batcher = patch(pool, problems, BATCHER, Arrays.asList(FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS),
+        List<String> modelFixes = Arrays.asList(FIX_DESCRIBE, FIX_LOCK);
+        List<String> batcherFixes = Arrays.asList(FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS);
+        List<String> encoderFixes = Arrays.asList(FIX_HEADERS);
+        // Model loads first (a ContinuousBatching needs one), and premain refuses unless every fix is
+        // ready: the line Model logs names them all
+        List<String> all = new ArrayList<>(modelFixes);
+        all.addAll(batcherFixes);
+        all.addAll(encoderFixes);
+        Patched model = patch(pool, problems, MODEL, modelFixes,
+                Patches::placeDescribeJobs, Patches::skipAdmissionWhenLockTaken, m -> logWhenLoaded(m, all));
+        Patched batcher = patch(pool, problems, BATCHER, batcherFixes,
                 Patches::answerIntermediateMessages, Patches::keepPredictingWithADescribe);
-        Patched encoder = patch(pool, problems, ENCODER, Arrays.asList(FIX_HEADERS),
-                Patches::noHeadersForCachedRequests);
+        Patched encoder = patch(pool, problems, ENCODER, encoderFixes, Patches::noHeadersForCachedRequests);
         if (!problems.isEmpty()) {
             throw new Refusal(String.join("; ", problems));
         }
@@ -96,7 +99,7 @@ final class Patches {
             CtClass cls = pool.makeClass(new ByteArrayInputStream(original));
             int before = problems.size();
             for (Edit edit : edits) {
-                attempt(problems, () -> edit.apply(cls));
+                attempt(problems, edit, cls);
             }
             return problems.size() > before ? null : new Patched(className, original, cls.toBytecode(), fixes);
         } catch (Refusal e) {
@@ -290,19 +293,15 @@ final class Patches {
 
     // ----- helpers -----
 
-    private interface Step {
-        void run() throws Refusal, CannotCompileException;
-    }
-
     /** A rewrite of one class: checks its call sites, then edits them (or throws Refusal). */
     private interface Edit {
         void apply(CtClass cls) throws Refusal, CannotCompileException;
     }
 
-    /** Runs one fix; a mismatch is recorded and the other fixes are still checked (one line names all). */
-    private static void attempt(List<String> problems, Step step) {
+    /** Runs one edit; a mismatch is recorded and the other edits are still checked (one line names all). */
+    private static void attempt(List<String> problems, Edit edit, CtClass cls) {
         try {
-            step.run();
+            edit.apply(cls);
         } catch (Refusal e) {
             problems.add(e.getMessage());
         } catch (CannotCompileException | RuntimeException e) {
