@@ -5,12 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: serve test setup java torchserve-patch prometheus nginx haproxy demo archive start stop status multi-start \
-	multi-stop bench clean
+.PHONY: serve test setup java torchserve-patch prometheus nginx haproxy llama-server gguf demo archive start stop status \
+	multi-start multi-stop bench peer-bench clean
 
 serve: setup demo archive start
 
-test: setup prometheus nginx haproxy
+test: setup prometheus nginx haproxy llama-server
 	$(PY) -m pytest
 
 setup: $(VENV)/.installed java torchserve-patch
@@ -45,6 +45,16 @@ haproxy:
 	@command -v haproxy >/dev/null || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }; }
 
+# tests/test_gguf.py and bench/peer_bench.py run llama.cpp's llama-server on our GGUF export: built once (minutes)
+# from the llama.cpp sources in PyPI's llama-cpp-python into ~/.cache/jai-serve/llama.cpp (scripts/llama_server.py)
+llama-server: $(VENV)/.installed
+	$(PY) scripts/llama_server.py
+
+# checkpoints/ckpt.pt + data/tokenizer.json -> jai.gguf, for llama.cpp and Ollama (docs/llama-cpp.md)
+gguf: $(VENV)/.installed
+	$(PY) scripts/export_gguf.py --checkpoint $(or $(CHECKPOINT),checkpoints/ckpt.pt) \
+	  --tokenizer $(or $(TOKENIZER),data/tokenizer.json) --out $(or $(OUT),jai.gguf) --outtype $(or $(OUTTYPE),f32)
+
 # Never overwrites an existing checkpoints/ckpt.pt (yours, or a demo built earlier).
 demo: $(VENV)/.installed
 	$(PY) scripts/make_demo_model.py
@@ -70,6 +80,10 @@ multi-stop:
 
 bench: $(VENV)/.installed
 	$(PY) bench/engine_bench.py
+
+# JAI through TorchServe beside llama-server on the same checkpoint (docs/performance.md)
+peer-bench: $(VENV)/.installed torchserve-patch
+	$(PY) bench/peer_bench.py
 
 clean:
 	rm -rf model_store logs logs.start.txt key_file.json multi

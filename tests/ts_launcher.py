@@ -78,11 +78,17 @@ def _alive(pid_file: Path) -> bool:
 
 
 @contextmanager
-def running_torchserve(root: Path, start_timeout: float = 180):
-    """Serve ``root/model_store/jai.mar`` with the repo's config.properties; always stop it."""
+def running_torchserve(root: Path, start_timeout: float = 180, properties: dict[str, str] | None = None):
+    """Serve ``root/model_store/jai.mar`` with the repo's config.properties; always stop it.
+
+    ``properties`` replace (or add) config.properties lines, e.g. a benchmark's JVM variant."""
     root = Path(root)
     ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), free_ports(5)))
     config = (ROOT / "config.properties").read_text()
+    for key, value in (properties or {}).items():
+        line = f"{key}={value}"
+        config, found = re.subn(rf"^{re.escape(key)}=.*$", lambda _: line, config, flags=re.M)
+        config += "" if found else f"\n{line}\n"
     config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m.group(1)]}", config)
     config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m.group(1)}={ports[m.group(2)]}", config, flags=re.M)
     # the frontend names its worker sockets after java.io.tmpdir, not TMPDIR: keep them in the scratch folder
