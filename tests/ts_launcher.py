@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from scripts.front_door import nginx_binary, write_config
+from scripts import front_door
 # shared with scripts/multi.py, which starts instances outside the repo root too; tests import them from here
 from scripts.multi import absolute_javaagent, alive, free_ports
 
@@ -130,12 +130,12 @@ def write_config(root: Path) -> Server:
 def running_front_door(root: Path, upstream: str):
     """Debian's nginx running deploy/nginx/jai.conf on a free port, as `make serve` writes it (only the
     ports moved), in front of ``upstream`` (host:port); yields its base URL; always stopped."""
-    binary = nginx_binary()
+    binary = front_door.nginx_binary()
     if binary is None:
         message = "nginx not installed (apt-get install nginx; `make test` installs it as root)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     [port] = free_ports(1)
-    conf = write_config(root, f"127.0.0.1:{port}", upstream, daemon=False)
+    conf = front_door.write_config(root, f"127.0.0.1:{port}", upstream, daemon=False)
     process = subprocess.Popen([binary, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
