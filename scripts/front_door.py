@@ -116,7 +116,10 @@ def start(prefix: Path, listen: str, config: Path) -> int:
                 print(f"front_door: nginx started but {url} does not answer; see {prefix}/error.log", file=sys.stderr)
                 return 1
             time.sleep(0.1)
-    print(f"front_door: {url}: / (chat page), /docs, /redoc, /generate, /chat, /health, /v1 (nginx pid {_pid(prefix)})")
+    print(f"front_door: {url}: / (chat page), /docs, /redoc, /generate, /chat, /health, /v1 (nginx pid {_pid(prefix)}). "
+          "With $TOKEN as above (docs/front-door.md):")
+    print(f"  curl -s {url}/chat -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
+          "-d '{\"prompt\": \"판교에서 백엔드 개발자 채용하는 곳 알려줘\", \"max_tokens\": 64}'")
     if not (ASSETS / "swagger-ui-dist").is_dir() or not (ASSETS / "redoc").is_dir():
         print("front_door: web/node_modules is missing, so /docs and /redoc cannot render: run `make web`",
               file=sys.stderr)

@@ -184,3 +184,14 @@ def test_keys_survive_a_restart_and_a_rotated_out_key_is_refused(tmp_path, demo_
         assert "keys read back from" in server.log("logs/ts_log.log", lines=400)
     finally:
         serve(tmp_path, "stop")
+
+
+def test_without_nginx_make_serve_says_so_and_torchserve_serves_alone(monkeypatch, capsys, tmp_path):
+    from scripts import front_door
+
+    monkeypatch.setattr(front_door, "nginx_binary", lambda: None)
+    (tmp_path / "config.properties").write_text("inference_address=http://127.0.0.1:18080\n")
+    assert front_door.start(tmp_path / "logs" / "nginx", "127.0.0.1:18000", tmp_path / "config.properties") == 0
+    message = capsys.readouterr().err
+    assert "nginx is not installed" in message and "http://127.0.0.1:18080" in message
+    assert not (tmp_path / "logs").exists()  # nothing started, nothing written
