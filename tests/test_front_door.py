@@ -156,7 +156,8 @@ def models(server, key):
 
 def test_keys_survive_a_restart_and_a_rotated_out_key_is_refused(tmp_path, demo_build):
     """`scripts/serve.sh start`, `rotate-key`, `stop` and `start` again (what `make serve`, `make rotate-key`
-    and `make stop` run) on a server of its own: the shared one's key must not change under other tests."""
+    and `make stop` run) on a server of its own: the shared one's key must not change under other tests.
+    Then a start with token_expiration_min set: the expiry key_file.json states is honoured."""
     archive(tmp_path, demo_build.checkpoint, demo_build.tokenizer)
     server = write_config(tmp_path)
     try:
@@ -182,6 +183,17 @@ def test_keys_survive_a_restart_and_a_rotated_out_key_is_refused(tmp_path, demo_
         with pytest.raises(openai.AuthenticationError):
             models(server, old)
         assert "keys read back from" in server.log("logs/ts_log.log", lines=400)
+        # an operator's expiry: with token_expiration_min set, the time key_file.json states stands
+        assert serve(tmp_path, "stop").returncode == 0
+        keys = json.loads((tmp_path / "key_file.json").read_text())
+        keys["inference"]["expiration time"] = "2020-01-01T00:00:00Z"
+        (tmp_path / "key_file.json").write_text(json.dumps(keys))
+        with open(tmp_path / "config.properties", "a") as config:
+            config.write("token_expiration_min=60\n")
+        started = serve(tmp_path, "start")  # its readiness check uses the management key: "never" -> 60 min
+        assert started.returncode == 0, started.stdout + started.stderr
+        with pytest.raises(openai.AuthenticationError):
+            models(server, new)  # expired in 2020
     finally:
         serve(tmp_path, "stop")
 
