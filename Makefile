@@ -46,10 +46,10 @@ haproxy:
 	@command -v haproxy >/dev/null || { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }; }
 
-# tests/test_gguf.py and bench/peer_bench.py run llama.cpp's llama-server on our GGUF export: built once (minutes)
-# from the llama.cpp sources in PyPI's llama-cpp-python into ~/.cache/jai-serve/llama.cpp (scripts/llama_server.py)
+# tests/test_gguf.py runs llama.cpp's llama-server on our GGUF export: its portable build, made once (minutes) from
+# the llama.cpp sources in PyPI's llama-cpp-python into ~/.cache/jai-serve/llama.cpp (scripts/llama_server.py)
 llama-server: $(VENV)/.installed
-	$(PY) scripts/llama_server.py
+	$(PY) scripts/llama_server.py --portable
 
 # checkpoints/ckpt.pt + data/tokenizer.json -> jai.gguf, for llama.cpp and Ollama (docs/llama-cpp.md)
 gguf: $(VENV)/.installed

@@ -1,7 +1,7 @@
 """scripts/export_gguf.py: the GGUF file holds our tensors and tokenizer, and llama.cpp runs it like we do.
 
-The llama.cpp tests build llama-server from PyPI's llama-cpp-python sources once per machine
-(scripts/llama_server.py; `make test` builds it before the suite, about 5 minutes on 2 cores).
+The llama.cpp tests run llama-server built from PyPI's llama-cpp-python sources, once per machine
+(scripts/llama_server.py --portable; `make test` builds it before the suite).
 """
 
 import json
@@ -86,9 +86,11 @@ def test_q8_0_export_is_close_to_float32(tiny_gguf, tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def llama_binary(tmp_path_factory):
-    """The build `make test` made and checked (scripts/llama_server.py), or one made now."""
+    """The portable build `make test` made and checked (scripts/llama_server.py --portable), or one made now:
+    one build whatever the CPU (the native one may not run a quantized model, and a second build costs CI
+    minutes)."""
     directory = tmp_path_factory.mktemp("llama")
-    return llama_server.working_binary(llama_server.check_models(directory), directory)
+    return llama_server.working_binary(llama_server.check_models(directory), directory, portable=True)
 
 
 @pytest.fixture(scope="module")
