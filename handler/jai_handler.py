@@ -3,7 +3,8 @@
 With ``continuousBatching: true`` (our configuration) every ``handle()`` call runs engine steps over the
 requests TorchServe currently holds: new requests arrive with a body and are admitted, running ones
 arrive again without a body (and, with our frontend patch, without their headers: only an arriving
-request's are read), and a request missing from the batch has disconnected. One call runs
+request's are read), and a request missing from the batch has disconnected (when hung-up clients
+leave the batch empty, our patch sends one empty batch, so that they are freed now). One call runs
 several steps, streaming each step's lines as intermediate responses, and returns to TorchServe when
 its time budget (``handler.step_budget_ms``) is spent or a request finishes, so waiting requests join
 within the budget and a finished request's answer and slot are not held back (the idea of vLLM's

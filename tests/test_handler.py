@@ -207,6 +207,16 @@ def test_disconnected_request_frees_its_slot(handler):
     assert h.engine.running == 0 and not h.running
 
 
+def test_an_empty_batch_frees_every_request_its_clients_left(handler):
+    """The patch agent's fix 6: when hung-up clients emptied TorchServe's batch, it sends one empty batch."""
+    h, context = handler
+    call(h, context, [("left", {"prompt": "제주", "max_tokens": 50, "stream": True}),
+                      ("also", {"prompt": "원격", "max_tokens": 50})])
+    assert h.engine.running == 2
+    assert call(h, context, []) == {}  # no reply to give, and no step for nobody
+    assert h.engine.running == 0 and not h.running and not h.calls and not h.engine.has_work()
+
+
 def test_engine_failure_is_a_500_and_the_next_request_works(model_dir, monkeypatch):
     h, context = make_handler(model_dir)
     monkeypatch.setattr(h.engine, "step", lambda: 1 / 0)
