@@ -420,8 +420,9 @@ def test_an_engine_failure_ends_an_openai_stream_with_an_error_event(model_dir, 
     assert first["done"] is False
     monkeypatch.setattr(h.engine, "step", lambda: 1 / 0)
     replies = call(h, context, [("s", None), ("new", At("v1/completions", {"model": "jai", "prompt": "a"}))])
-    [event] = sse(replies["s"]["body"])
+    event, done = sse(replies["s"]["body"])
     assert replies["s"]["done"] is True and json.loads(event)["error"]["type"] == "server_error"
+    assert done == "[DONE]"  # the SDKs raise their API error on the event
     assert replies["new"]["status"] == 500 and replies["new"]["done"] is None
     assert json.loads(replies["new"]["body"])["error"]["type"] == "server_error"
     assert not h.calls and not h.running and not h.engine.has_work()

@@ -287,7 +287,9 @@ class NativeExchange(Exchange):
         return dumps({"text": text, "token_ids": ids, **body}) + "\n"
 
     def failure(self, status: int, message: str, streaming: bool) -> str:
-        return dumps(error_body(status, message))  # a stream reader sees a line without "text"
+        if streaming:  # a last NDJSON line: no "text", and why the stream ended (as when a worker dies)
+            return dumps({**error_body(status, message), "finish_reason": "error"}) + "\n"
+        return dumps(error_body(status, message))
 
 
 class NativeRoute(Route):

@@ -385,7 +385,7 @@ class OpenAIExchange(Exchange):
 
     def failure(self, status: int, message: str, streaming: bool) -> str:
         body = error_body(status, message)
-        return event(body) if streaming else dumps(body)  # the SDK raises on an event with "error"
+        return event(body) + DONE if streaming else dumps(body)  # the SDK raises on an event with "error"
 
     def usage(self) -> dict:
         """A prompt is counted once however many choices it has (as OpenAI does); completions add up."""
