@@ -5,8 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: serve test setup java torchserve-patch prometheus nginx haproxy demo archive start stop status multi-start \
-	multi-stop bench clean
+.PHONY: serve test setup java torchserve-patch prometheus nginx haproxy demo archive start stop status update rollback \
+	multi-start multi-stop bench clean
 
 serve: setup demo archive start
 
@@ -60,6 +60,13 @@ stop:
 
 status:
 	scripts/serve.sh status
+
+# A new checkpoint live on the running server, no restart (docs/updates.md): make update CHECKPOINT=.. TOKENIZER=..
+update: $(VENV)/.installed
+	$(PY) scripts/update.py update --checkpoint "$(CHECKPOINT)" --tokenizer "$(TOKENIZER)"
+
+rollback: $(VENV)/.installed
+	$(PY) scripts/update.py rollback
 
 # Two torchserve instances behind HAProxy on 127.0.0.1:8090 (scripts/multi.py; README "Scaling out")
 multi-start: setup demo archive haproxy

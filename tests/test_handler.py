@@ -8,7 +8,7 @@ import pytest
 from ts.context import Context, RequestProcessor
 
 import jai_handler
-from jaiserve import Engine, SamplingParams, load_model, load_tokenizer
+from jaiserve import Engine, SamplingParams, file_sha256, load_model, load_tokenizer
 from jaiserve.api import CHAT_TEMPLATE
 
 YAML = {
@@ -113,7 +113,8 @@ def test_generate_and_chat_answer_the_seed_fields(handler, model_dir):
         assert [r["body"] for r in replies[:-1]] == [""] * (len(replies) - 1)  # nothing until done
         assert replies[-1]["done"] is True
         body = json.loads(replies[-1]["body"])
-        assert set(body) == {"prompt", "generated", "full_text", "finish_reason", "usage"}
+        assert set(body) == {"prompt", "generated", "full_text", "finish_reason", "usage", "model_version"}
+        assert body["model_version"] == file_sha256(model_dir / "ckpt.pt")[:12]  # the checkpoint that answered
         assert body["prompt"] == prompt and body["full_text"] == prompt + body["generated"]
         expected = engine.generate(
             [engine.encode(prompt)],

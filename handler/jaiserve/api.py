@@ -72,6 +72,7 @@ class ServedModel:
     created: int = 0  # Unix time the worker loaded it (OpenAI's model ``created``)
     context_tokens: int = 256  # block_size: chat history is cut to fit it
     count_tokens: Callable[[str], int] = len  # the tokenizer's count (len() only in tests without one)
+    version: str = ""  # the checkpoint new requests go to (jaiserve/updates.py): in every answer ("" = none)
 
 
 @dataclass(frozen=True)
@@ -265,9 +266,10 @@ class NativeExchange(Exchange):
     """``/predictions/jai``: one engine request; NDJSON lines ``{"text", "token_ids"}`` while streaming,
     then a last line (or the whole body) with the seed's fields."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, version: str = ""):
         super().__init__([request], request.stream)
         self.content_type = NDJSON if request.stream else JSON
+        self.version = version
 
     def chunk(self) -> str:
         choice = self.choices[0]
@@ -281,6 +283,8 @@ class NativeExchange(Exchange):
         body = completion_body(
             self.requests[0], choice.text, choice.finish_reason, choice.prompt_tokens, choice.completion_tokens
         )
+        if self.version:  # which checkpoint answered (docs/updates.md)
+            body["model_version"] = self.version
         if not self.stream:
             return dumps(body)
         text, ids = choice.take()
@@ -304,7 +308,7 @@ class NativeRoute(Route):
                 f"POST /predictions/{model.name}, OpenAI's is under .../<version>/v1/)",
                 status=404,
             )
-        return NativeExchange(parse_request(body, defaults))
+        return NativeExchange(parse_request(body, defaults), model.version)
 
     def refusal(self, exc: InvalidRequest) -> str:
         return dumps(error_body(exc.status, str(exc)))
