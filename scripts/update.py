@@ -124,9 +124,8 @@ def workers(folder: Path) -> dict[int, str]:
     return found
 
 
-def go_live(store: Path, name: str, timeout: float) -> None:
-    """Name the version to the running workers and wait until every one serves it."""
-    folder = server_folder()
+def go_live(folder: Path, store: Path, name: str, timeout: float) -> None:
+    """Name the version to the running workers (their server's ``folder``) and wait until every one serves it."""
     target = (store / "versions" / name).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     scratch = folder / f".{TARGET}"
@@ -150,6 +149,7 @@ def go_live(store: Path, name: str, timeout: float) -> None:
 
 
 def update(store: Path, checkpoint: Path, tokenizer: Path, timeout: float) -> None:
+    folder = server_folder()  # first: nothing is stored or repacked for a server that is not there
     versions = store / "versions"
     versions.mkdir(parents=True, exist_ok=True)
     names = history(versions)
@@ -163,10 +163,11 @@ def update(store: Path, checkpoint: Path, tokenizer: Path, timeout: float) -> No
     repack(store, name)
     if names[-1] != name:
         write_history(versions, names + [name])
-    go_live(store, name, timeout)
+    go_live(folder, store, name, timeout)
 
 
 def rollback(store: Path, timeout: float) -> None:
+    folder = server_folder()
     versions = store / "versions"
     names = history(versions)
     if len(names) < 2:
@@ -174,7 +175,7 @@ def rollback(store: Path, timeout: float) -> None:
     name = names[-2]
     repack(store, name)
     write_history(versions, names[:-1])
-    go_live(store, name, timeout)
+    go_live(folder, store, name, timeout)
 
 
 def status() -> None:

@@ -91,7 +91,11 @@ def test_an_update_and_a_rollback_under_16_streaming_clients_fail_nothing(versio
     solo[new] = {p: native(server, p) for p in PROMPTS}
     assert {v for v, _ in solo[new].values()} == {new}
     assert solo[new] != solo[old]  # two different models: the test can tell them apart
-    update_py(server, "rollback")
+    # the client CLI runs the same script (on the server's host)
+    rollback = subprocess.run([sys.executable, "-m", "jai_client", "rollback", "--repo", str(ROOT), "--model-store",
+                               str(server.root / "model_store")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, TMPDIR=str(server.root)))
+    assert rollback.returncode == 0 and f"{old} is live on 1 worker(s)" in rollback.stdout, rollback.stderr
     assert served_version(server) == old
 
     stop = threading.Event()
