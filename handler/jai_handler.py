@@ -218,7 +218,7 @@ class JAIHandler(BaseHandler):
             except Exception as exc:  # a bad checkpoint must not take the worker down: keep serving
                 logger.exception("model update: cannot serve %s; still serving %s", folder, self.current.name)
                 self.failed = folder
-                self.updates.report(f"failed {folder}: {exc}")
+                self.updates.report(f"failed {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
                 return
             loaded = self.versions.get(version.name)  # the same checkpoint, still finishing requests
             if loaded is not None:

@@ -1,6 +1,7 @@
 """The TorchServe handler driven with a small fake context, no server (like pytorch/serve's unit tests)."""
 
 import json
+import shutil
 import threading
 from typing import NamedTuple
 
@@ -478,3 +479,40 @@ def test_a_step_ahead_that_fails_is_a_500_for_the_next_batch_and_the_worker_goes
     assert not h.calls and not h.running and not h.engine.has_work() and h.ahead is None
     log = drive(h, context, [("y", {"prompt": "서울", "max_tokens": 2})])
     assert json.loads(log["y"][-1]["body"])["usage"]["completion_tokens"] == 2
+
+
+def test_a_new_version_takes_new_requests_while_running_ones_finish_on_theirs(model_dir, tmp_path):
+    """jaiserve/updates.py without a server: the folder scripts/update.py names is loaded on the loader
+    thread; from the next call new requests go to it, a running one ends on its version, which retires."""
+    from conftest import TINY, seed_checkpoint
+    from jaiserve.updates import UpdateState
+
+    h, context = make_handler(model_dir)
+    h.updates = UpdateState(tmp_path / "server", pid=1)
+    (tmp_path / "server").mkdir()
+    old = h.current.name
+    call(h, context, [("before", {"prompt": "제주", "max_tokens": 12, "temperature": 0})])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "server" / "model").write_text(f"{bad}\n")
+    h._follow_updates()
+    h.loading[1].exception(timeout=60)  # done (it failed)
+    call(h, context, [("before", None)])
+    assert h.current.name == old and (tmp_path / "server" / "version.1").read_text().startswith(f"failed {bad}: ")
+    new = tmp_path / "new"
+    new.mkdir()
+    seed_checkpoint(new / "ckpt.pt", seed=5, **TINY)
+    shutil.copy(model_dir / "tokenizer.json", new / "tokenizer.json")
+    (tmp_path / "server" / "model").write_text(f"{new}\n")
+    h._follow_updates()
+    h.loading[1].result(timeout=60)
+    replies = call(h, context, [("before", None), ("after", {"prompt": "제주", "max_tokens": 1, "temperature": 0})])
+    assert h.current.name == file_sha256(new / "ckpt.pt")[:12] != old
+    assert (tmp_path / "server" / "version.1").read_text() == f"{h.current.name} {new}\n"
+    assert json.loads(replies["after"]["body"])["model_version"] == h.current.name
+    assert set(h.versions) == {old, h.current.name}  # the old one still runs "before"
+    log = drive(h, context, [("before", None)])
+    assert json.loads(log["before"][-1]["body"])["model_version"] == old
+    call(h, context, [])
+    assert set(h.versions) == {h.current.name}  # retired once its last request ended
