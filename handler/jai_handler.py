@@ -27,6 +27,10 @@ The HTTP contract lives in jaiserve/api.py: TorchServe's ``url_path`` header (wh
 body into an exchange of one or more engine requests (OpenAI's ``n`` and prompt lists fan out into the
 same batch) and formats their steps. This module only moves requests and steps between the two.
 
+A worker can hold more than one checkpoint (jaiserve/updates.py, docs/updates.md): ``make update`` names a
+new one, a thread of its own loads and warms it, and from then on new requests go to it while running
+ones finish in the engine they started in; every step steps each engine that still holds requests.
+
 Never raise out of ``handle()``: TorchServe would fail every request of the batch. Bad input is a
 400 for that request alone; an engine failure is a 500 for the requests it touched.
 """
@@ -39,7 +43,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from dataclasses import replace as replaced
 from pathlib import Path
 
 import torch
