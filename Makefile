@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
 .PHONY: serve test setup java torchserve-patch prometheus nginx haproxy web browser llama-server gguf demo archive start \
-	stop status rotate-key multi-start multi-stop bench peer-bench clean
+	stop status rotate-key update rollback multi-start multi-stop bench peer-bench clean
 
 serve: setup nginx web demo archive start
 
@@ -92,6 +92,13 @@ rotate-key:
 
 status:
 	scripts/serve.sh status
+
+# A new checkpoint live on the running server, no restart (docs/updates.md): make update CHECKPOINT=.. TOKENIZER=..
+update: $(VENV)/.installed
+	$(PY) scripts/update.py update --checkpoint "$(CHECKPOINT)" --tokenizer "$(TOKENIZER)"
+
+rollback: $(VENV)/.installed
+	$(PY) scripts/update.py rollback
 
 # Two torchserve instances behind HAProxy on 127.0.0.1:8090 (scripts/multi.py; README "Scaling out")
 multi-start: setup demo archive haproxy

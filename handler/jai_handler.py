@@ -3,7 +3,8 @@
 With ``continuousBatching: true`` (our configuration) every ``handle()`` call runs engine steps over the
 requests TorchServe currently holds: new requests arrive with a body and are admitted, running ones
 arrive again without a body (and, with our frontend patch, without their headers: only an arriving
-request's are read), and a request missing from the batch has disconnected. One call runs
+request's are read), and a request missing from the batch has disconnected (when hung-up clients
+leave the batch empty, our patch sends one empty batch, so that they are freed now). One call runs
 several steps, streaming each step's lines as intermediate responses, and returns to TorchServe when
 its time budget (``handler.step_budget_ms``) is spent or a request finishes, so waiting requests join
 within the budget and a finished request's answer and slot are not held back (the idea of vLLM's
@@ -26,6 +27,10 @@ The HTTP contract lives in jaiserve/api.py: TorchServe's ``url_path`` header (wh
 body into an exchange of one or more engine requests (OpenAI's ``n`` and prompt lists fan out into the
 same batch) and formats their steps. This module only moves requests and steps between the two.
 
+A worker can hold more than one checkpoint (jaiserve/updates.py, docs/updates.md): ``make update`` names a
+new one, a thread of its own loads and warms it, and from then on new requests go to it while running
+ones finish in the engine they started in; every step steps each engine that still holds requests.
+
 Never raise out of ``handle()``: TorchServe would fail every request of the batch. Bad input is a
 400 for that request alone; an engine failure is a 500 for the requests it touched.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,11 +51,12 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from jaiserve import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
+from jaiserve import Engine, Limits, ParameterError, SamplingParams, file_sha256, load_model, load_tokenizer
 from jaiserve.api import JSON, Defaults, Exchange, GenerationRequest, InvalidRequest, ServedModel, reason_phrase, route
 from jaiserve.drain import DRAINING, DrainState
 from jaiserve.packed import linear_kernels
 from jaiserve.settings import Settings
+from jaiserve.updates import CHECKPOINT, TOKENIZER, UpdateState, version_name
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +71,17 @@ class JAIHandler(BaseHandler):
 
         exchange: Exchange  # its view's response state (jaiserve.api)
         engine_ids: list  # the engine request of each of its choices
+        version: JAIHandler.Version  # the checkpoint it runs on to its end, whatever is loaded meanwhile
         chunked: bool = False  # a chunk went out: TorchServe answers it as a chunked response
+
+    @dataclass
+    class Version:
+        """A checkpoint this worker serves: the current one (new requests) or one finishing its requests."""
+
+        name: str  # jaiserve.updates.version_name: in answers, describe, metrics and logs
+        source: Path  # the folder its files came from: the archive's, or one scripts/update.py named
+        engine: Engine
+        description: dict  # its part of describe
 
     @dataclass
     class Running:
@@ -72,6 +89,7 @@ class JAIHandler(BaseHandler):
 
         request: GenerationRequest
         started: float
+        version: str  # the name of the checkpoint it runs on
         prompt_tokens: int = 0
         generated: int = 0  # tokens generated so far
         first_token_at: float | None = None
@@ -94,21 +112,51 @@ class JAIHandler(BaseHandler):
         self.ahead: Future | None = None  # the step running while TorchServe's round trip happens
         self.step_ahead = self.continuous and self.settings.step_ahead
         self.device = self._device(properties)
-        checkpoint = model_dir / self.settings.checkpoint
+        self.max_batch = int(yaml_config.get("batchSize", 1))
+        self.model_name = context.model_name
+        self.versions: dict[str, JAIHandler.Version] = {}  # the current one and those finishing requests
+        self._serve(self._load_version(model_dir / self.settings.checkpoint, model_dir / self.settings.tokenizer,
+                                       model_dir))
+        self.calls: dict[str, JAIHandler.Call] = {}  # by TorchServe request id
+        self.running: dict[str, JAIHandler.Running] = {}  # by engine request id
+        self.reported_active = None  # last value of the jai_active_requests gauge this worker sent
+        self.drain = DrainState.for_worker()  # None outside a TorchServe worker (tests); see jaiserve/drain.py
+        # model updates (jaiserve/updates.py, docs/updates.md): a new version loads and warms on a thread of
+        # its own while this worker serves, and takes new requests from the next call on
+        self.updates = UpdateState(self.drain.folder) if self.drain is not None else None
+        self.loader = ThreadPoolExecutor(
+            1, "jai-loader", initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
+        )
+        self.loading: tuple[Path, Future] | None = None  # (version folder, its load) while one loads
+        self.failed: Path | None = None  # a folder that would not load: not tried again until named again
+        # handle() and the watcher take turns: a version changes between calls, never inside one
+        self.lock = threading.Lock()
+        if self.updates is not None:
+            self.updates.report(f"{self.current.name} {self.current.source}")
+            # an idle worker gets no handle() call: it follows updates all the same
+            threading.Thread(target=self._watch_updates, name="jai-updates", daemon=True).start()
+        self.context = context
+        self.initialized = True
+        self._counter("jai_worker_starts_total", 1)  # TorchServe restarts a dead worker under the same name
+        logger.info("JAI ready: %s", self.description)
+
+    def _load_version(self, checkpoint: Path, tokenizer_file: Path, source: Path) -> JAIHandler.Version:
+        """Load a checkpoint and its tokenizer into an engine of their own (the loader thread, for updates)."""
         model = load_model(
             checkpoint, self.settings.n_head, self.device, self.settings.dtype, cpu_linear=self.settings.cpu_linear
         )
-        tokenizer = load_tokenizer(model_dir / self.settings.tokenizer, model.config.vocab_size)
-        self.engine = Engine(
+        tokenizer = load_tokenizer(tokenizer_file, model.config.vocab_size)
+        engine = Engine(
             model,
             tokenizer,
-            max_batch=int(yaml_config.get("batchSize", 1)),
+            max_batch=self.max_batch,
             limits=Limits(self.settings.max_tokens_limit, self.settings.max_prompt_tokens),
             max_prefill_tokens=self.settings.max_prefill_tokens,
             utf8_safe_sampling=self.settings.utf8_safe_sampling,
             window_stride=self.settings.window_stride,
         )
-        self.description = {
+        sha256 = file_sha256(checkpoint)
+        description = {
             "device": str(self.device),
             "dtype": self.settings.dtype,
             "parameters": model.num_parameters(),
@@ -118,27 +166,85 @@ class JAIHandler(BaseHandler):
             "n_layer": model.config.n_layer,
             "n_head": model.config.n_head,
             "n_embd": model.config.n_embd,
-            "checkpoint_sha256": file_sha256(checkpoint),
+            "checkpoint_sha256": sha256,
+            "model_version": version_name(sha256),
+        }
+        return self.Version(version_name(sha256), Path(source), engine, description)
+
+    def _load_and_warm(self, folder: Path) -> JAIHandler.Version:
+        version = self._load_version(folder / CHECKPOINT, folder / TOKENIZER, folder)
+        # one short greedy generation: its first requests do not pay for first-call allocations
+        version.engine.generate([[0]], [SamplingParams(max_tokens=2, temperature=0)])
+        return version
+
+    def _serve(self, version: JAIHandler.Version):
+        """Send new requests to ``version`` from now on; requests running elsewhere finish where they are."""
+        self.current = version
+        self.versions[version.name] = version
+        self.engine = version.engine
+        self.description = {
+            **version.description,
             "max_batch": self.engine.max_batch,
             "continuous_batching": self.continuous,
             "step_ahead": self.step_ahead,
             "torch_threads": torch.get_num_threads(),
         }
         self.served = ServedModel(
-            name=context.model_name,
+            name=self.model_name,
             created=int(time.time()),
-            context_tokens=model.config.block_size,
-            count_tokens=lambda text: len(self.engine.encode(text)),
+            context_tokens=version.engine.config.block_size,
+            count_tokens=lambda text, engine=version.engine: len(engine.encode(text)),
+            version=version.name,
             device=str(self.device),
         )
-        self.calls: dict[str, JAIHandler.Call] = {}  # by TorchServe request id
-        self.running: dict[str, JAIHandler.Running] = {}  # by engine request id
-        self.reported_active = None  # last value of the jai_active_requests gauge this worker sent
-        self.drain = DrainState.for_worker()  # None outside a TorchServe worker (tests); see jaiserve/drain.py
-        self.context = context
-        self.initialized = True
-        self._counter("jai_worker_starts_total", 1)  # TorchServe restarts a dead worker under the same name
-        logger.info("JAI ready: %s", self.description)
+
+    def _watch_updates(self, interval_s: float = 0.25):
+        while True:
+            time.sleep(interval_s)
+            with self.lock:
+                try:
+                    self._follow_updates()
+                except Exception:  # never end the thread: the next look may succeed
+                    logger.exception("model update: watching %s failed", self.updates.target_file)
+
+    def _follow_updates(self):
+        """At every call and every watcher look (under self.lock): start loading the version
+        scripts/update.py names; serve it once it is loaded and warm."""
+        if self.updates is None:
+            return
+        if self.loading is not None:
+            folder, load = self.loading
+            if not load.done():
+                return
+            self.loading = None
+            try:
+                version = load.result()
+            except Exception as exc:  # a bad checkpoint must not take the worker down: keep serving
+                logger.exception("model update: cannot serve %s; still serving %s", folder, self.current.name)
+                self.failed = folder
+                self.updates.report(f"failed {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
+                return
+            loaded = self.versions.get(version.name)  # the same checkpoint, still finishing requests
+            if loaded is not None:
+                loaded.source = folder
+            self._switch_to(loaded or version)
+            return
+        target = self.updates.target()
+        if target is None or target == self.current.source or target == self.failed:
+            return
+        loaded = next((v for v in self.versions.values() if v.source == target), None)
+        if loaded is not None:  # a rollback while the version it returns to still finishes requests
+            self._switch_to(loaded)
+        else:
+            logger.info("model update: loading %s", target)
+            self.loading = (target, self.loader.submit(self._load_and_warm, target))
+
+    def _switch_to(self, version: JAIHandler.Version):
+        previous = self.current.name
+        self._serve(version)
+        self.failed = None
+        self.updates.report(f"{version.name} {version.source}")
+        logger.info("model update: new requests go to %s (was %s); %s", version.name, previous, version.description)
 
     def _device(self, properties) -> torch.device:
         if self.settings.device != "auto":
@@ -149,14 +255,23 @@ class JAIHandler(BaseHandler):
         return torch.device("cpu")
 
     def describe_handle(self):
-        return json.dumps({**self.description, "running_requests": len(self.running), "draining": self._draining()})
+        running = {name: 0 for name in self.versions}
+        for state in self.running.values():
+            running[state.version] = running.get(state.version, 0) + 1
+        return json.dumps({**self.description, "running_requests": len(self.running), "draining": self._draining(),
+                           "versions_running": running})
 
     # ----- TorchServe entry point -----
 
     def handle(self, data, context):
+        with self.lock:
+            return self._handle(data, context)
+
+    def _handle(self, data, context):
         self.context = context
         replies = {}
         try:
+            self._follow_updates()
             ahead = self.preprocess(data, context, replies)
             self._report_active()
             return self.postprocess(self.inference(context, replies, ahead), context, replies)
@@ -212,6 +327,7 @@ class JAIHandler(BaseHandler):
     def _admit(self, request_id, exchange: Exchange, prompts: list[list[int]]):
         """Queue every engine request of a call, or none of them (one refused: the others are withdrawn)."""
         requests = exchange.requests
+        version = self.current
         engine_ids = [request_id] if len(requests) == 1 else [f"{request_id}/{i}" for i in range(len(requests))]
         admitted = []
         try:
@@ -224,15 +340,16 @@ class JAIHandler(BaseHandler):
             raise
         now = time.perf_counter()
         for engine_id, request, prompt_tokens in admitted:
-            self.running[engine_id] = self.Running(request, now, prompt_tokens)
-        self.calls[request_id] = self.Call(exchange, engine_ids)
+            self.running[engine_id] = self.Running(request, now, version.name, prompt_tokens)
+        self.calls[request_id] = self.Call(exchange, engine_ids, version)
 
     def _abort(self, request_id, reason):
         """Drop a call and whatever of it the engine still runs."""
-        for engine_id in self.calls.pop(request_id).engine_ids:
+        call = self.calls.pop(request_id)
+        for engine_id in call.engine_ids:
             state = self.running.pop(engine_id, None)
             if state is not None:
-                self.engine_thread.submit(self.engine.abort, engine_id).result()  # may move cache rows
+                self.engine_thread.submit(call.version.engine.abort, engine_id).result()  # may move cache rows
                 self._finished(engine_id, state, reason, state.prompt_tokens, state.generated)
 
     def inference(self, context, replies, ahead: list | None = None) -> dict[int, tuple]:
@@ -252,11 +369,11 @@ class JAIHandler(BaseHandler):
         done = set()
         deadline = time.perf_counter() + self.settings.step_budget_ms / 1000
         produced = 0
-        stepped = not self.engine.waiting  # nothing admitted waits for a step of this call
+        stepped = not any(v.engine.waiting for v in self.versions.values())  # nothing admitted waits for a step
         step_outputs = ahead or None  # [] when no row could decode ahead
         while len(done) < len(batch):
             if step_outputs is None:
-                step_outputs, stepped = self.engine_thread.submit(self.engine.step).result(), True
+                step_outputs, stepped = self.engine_thread.submit(self._step).result(), True
             outputs = {out.request_id: out for out in step_outputs}
             step_outputs = None
             if not outputs:
@@ -272,11 +389,15 @@ class JAIHandler(BaseHandler):
             if self.continuous and stepped and (done or time.perf_counter() >= deadline):
                 break
             if len(done) < len(batch):  # the next step runs while this one's chunks go out
-                step, stepped = self.engine_thread.submit(self.engine.step), True
+                step, stepped = self.engine_thread.submit(self._step), True
                 self._send_chunks(context, {i: c for i, c in batch.items() if i not in done})
                 step_outputs = step.result()
-        if self.step_ahead and self.engine.has_work():  # decode only: the next call's arrivals wait for it
-            self.ahead = self.engine_thread.submit(self.engine.step, prefill=False)
+        for name, version in list(self.versions.items()):  # an old version's last request has finished
+            if version is not self.current and not version.engine.has_work():
+                del self.versions[name]
+                logger.info("model update: %s retired (its requests have finished)", name)
+        if self.step_ahead and self._has_work():  # decode only: the next call's arrivals wait for it
+            self.ahead = self.engine_thread.submit(self._step, prefill=False)
         self._counter("jai_generated_tokens_total", produced)  # as produced: rate() stays smooth
         return {idx: (call, idx in done) for idx, call in batch.items()}
 
@@ -304,6 +425,17 @@ class JAIHandler(BaseHandler):
         return responses
 
     # ----- helpers -----
+
+    def _step(self, prefill: bool = True) -> list:
+        """One engine step of every version holding requests (the engine thread): usually one engine."""
+        outputs = []
+        for version in list(self.versions.values()):
+            if version.engine is self.engine or version.engine.has_work():
+                outputs += version.engine.step() if prefill else version.engine.step(prefill=False)
+        return outputs
+
+    def _has_work(self) -> bool:
+        return any(v.engine.has_work() for v in self.versions.values())
 
     def _absorb(self, engine_id, out):
         """An engine request's step, for its timings; a finished one is logged and forgotten."""
@@ -367,7 +499,7 @@ class JAIHandler(BaseHandler):
         """A request left the engine (stop, length, aborted or error): its log line and its metrics."""
         self._log(request_id, state, finish_reason, prompt_tokens, completion_tokens)
         self._counter("jai_prompt_tokens_total", prompt_tokens)  # generated ones are counted as produced
-        self._counter("jai_requests_finished_total", 1, FinishReason=finish_reason)
+        self._counter("jai_requests_finished_total", 1, FinishReason=finish_reason, ModelVersion=state.version)
         if state.generated >= 2:
             between = (state.last_token_at - state.first_token_at) / (state.generated - 1)
             self._histogram("jai_inter_token_latency_seconds", between)
@@ -411,7 +543,8 @@ class JAIHandler(BaseHandler):
         if self.settings.log_prompt_chars:
             prompt = f" prompt={state.request.prompt[: self.settings.log_prompt_chars]!r}"
         logger.info(
-            "request %s prompt_tokens=%d generated_tokens=%d finish_reason=%s ttft_ms=%.1f total_ms=%.1f%s",
-            request_id, prompt_tokens, completion_tokens, finish_reason, ttft, (now - state.started) * 1000, prompt,
+            "request %s prompt_tokens=%d generated_tokens=%d finish_reason=%s ttft_ms=%.1f total_ms=%.1f version=%s%s",
+            request_id, prompt_tokens, completion_tokens, finish_reason, ttft, (now - state.started) * 1000,
+            state.version, prompt,
         )
 

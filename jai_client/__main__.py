@@ -1,5 +1,5 @@
-"""Command line: ``python -m jai_client chat "판교 백엔드 채용 있어?"`` (also generate, health, scale);
-installed by ``pip install .`` as the ``jaiserve`` command.
+"""Command line: ``python -m jai_client chat "판교 백엔드 채용 있어?"`` (also generate, health, scale, and
+update/rollback on the server's host); installed by ``pip install .`` as the ``jaiserve`` command.
 
 chat and generate stream the text to the terminal as it is generated (``--no-stream``: all at once).
 Exit status: 0 done, 1 the server refused or could not be reached (one ``error: ...`` line on stderr),
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import subprocess
 import sys
 from collections.abc import Iterable
 
@@ -77,6 +79,24 @@ def _scale(client: JAIClient, args: argparse.Namespace) -> None:
     print(client.scale(args.workers).get("status"))
 
 
+def _update(client: JAIClient, args: argparse.Namespace) -> None:
+    """update / rollback: the server checkout's scripts/update.py (the workers read the server's folder on
+    its host, so this runs there, like ``make update``); its progress lines go to stdout."""
+    repo = args.repo or os.environ.get("JAI_DIR") or "."
+    script = os.path.join(repo, "scripts", "update.py")
+    if not os.path.isfile(script):
+        raise JAIError(None, f"{script} not found: pass --repo (or JAI_DIR) naming the server's JAI Serve checkout")
+    python = os.path.join(repo, ".venv", "bin", "python")
+    command = [python if os.path.isfile(python) else sys.executable, script, args.command]
+    if args.command == "update":
+        command += ["--checkpoint", args.checkpoint, "--tokenizer", args.tokenizer]
+    if args.model_store:
+        command += ["--model-store", args.model_store]
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise JAIError(None, result.stderr.strip().removeprefix("update.py: ") or f"update.py exited {result.returncode}")
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Talk to JAI served by TorchServe.")
     parser.add_argument("--url", help=f"inference API (env JAI_URL, default {DEFAULT_URL})")
@@ -108,6 +128,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     scale = commands.add_parser("scale", help="run exactly N workers (waits until they are up)")
     scale.add_argument("workers", type=_non_negative, metavar="N")
     scale.set_defaults(run=_scale)
+    update = commands.add_parser("update", help="put a new checkpoint live, no restart (on the server's host)")
+    update.add_argument("--checkpoint", required=True, help="the new ckpt.pt")
+    update.add_argument("--tokenizer", required=True, help="its tokenizer.json")
+    rollback = commands.add_parser("rollback", help="go back to the version before the last update")
+    for command in (update, rollback):
+        command.add_argument("--repo", help="the server's JAI Serve checkout (env JAI_DIR, default .)")
+        command.add_argument("--model-store", help="the server's model store (default: the checkout's model_store)")
+        command.set_defaults(run=_update)
     return parser
 
 

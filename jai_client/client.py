@@ -45,10 +45,11 @@ class Completion:
     full_text: str  # prompt + generated
     finish_reason: str  # "stop" (stop string or end of text) or "length" (max_tokens reached)
     usage: dict[str, int]  # prompt_tokens, completion_tokens
+    model_version: str = ""  # the checkpoint that answered (docs/updates.md); "" from a server before it
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Completion:
-        return cls(**{name: body[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name in body or name != "model_version"})
 
 
 class Stream:

@@ -203,3 +203,16 @@ def test_cli_usage_errors_exit_2():
     assert cli("scale", "two").returncode == 2
     assert cli("chat").returncode == 2
     assert cli("chat", "서울", "--max-tokens", "many").returncode == 2
+
+
+def test_cli_update_names_what_is_missing_in_one_line(tmp_path):
+    nowhere = cli("rollback", "--repo", str(tmp_path))
+    assert nowhere.returncode == 1
+    assert nowhere.stderr == (f"error: {tmp_path}/scripts/update.py not found: pass --repo (or JAI_DIR) naming "
+                              "the server's JAI Serve checkout\n")
+    env = dict(cli_env(), TMPDIR=str(tmp_path))  # no torchserve recorded its pid there
+    done = subprocess.run(cli_command("update", "--checkpoint", "x.pt", "--tokenizer", "t.json", "--repo", str(ROOT)),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr == (
+        f"error: no running torchserve (no live pid in {tmp_path}/.model_server.pid): start it with 'make serve'\n")
+    assert cli("update", "--checkpoint", "x.pt").returncode == 2  # --tokenizer is required

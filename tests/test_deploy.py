@@ -95,6 +95,22 @@ def test_the_deployment_drains_within_its_grace_period(base):
     assert "replicas" not in deployment["spec"]  # the autoscaler owns it
 
 
+def test_a_rolling_update_drains_an_old_pod_only_behind_a_ready_new_one_and_can_be_undone(base):
+    """docs/updates.md, Kubernetes: a new checkpoint is a new image; requests in flight finish on the old
+    pods (preStop drain, tested above) while new ones reach only pods that have loaded the new version."""
+    deployment = one(base, "Deployment")
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0 and strategy["rollingUpdate"]["maxSurge"] >= 1
+    assert deployment["spec"]["minReadySeconds"] >= 10  # ready for a while, not for one probe
+    assert deployment["spec"]["revisionHistoryLimit"] >= 1  # kubectl rollout undo has a revision to return to
+    main = container(deployment)
+    assert main["readinessProbe"]["exec"]["command"] == [HEALTHCHECK, "--ready"]
+    docs = (ROOT / "docs" / "updates.md").read_text()
+    for command in ("kubectl set image", "kubectl rollout status", "kubectl rollout undo"):
+        assert command in docs
+
+
 def test_the_probes_run_the_images_health_check(base):
     main = container(one(base, "Deployment"))
     assert main["readinessProbe"]["exec"]["command"] == [HEALTHCHECK, "--ready"]  # fails while draining

@@ -14,7 +14,8 @@ from jaiserve.api import CHAT_TEMPLATE
 
 pytestmark = pytest.mark.e2e
 
-FIELDS = {"prompt", "generated", "full_text", "finish_reason", "usage"}
+# the seed's fields, finish_reason and usage, and the checkpoint that answered (docs/updates.md)
+FIELDS = {"prompt", "generated", "full_text", "finish_reason", "usage", "model_version"}
 
 
 def test_generate_answers_the_seed_fields(ts_server):

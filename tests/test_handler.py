@@ -1,6 +1,7 @@
 """The TorchServe handler driven with a small fake context, no server (like pytorch/serve's unit tests)."""
 
 import json
+import shutil
 import threading
 from typing import NamedTuple
 
@@ -8,7 +9,7 @@ import pytest
 from ts.context import Context, RequestProcessor
 
 import jai_handler
-from jaiserve import Engine, SamplingParams, load_model, load_tokenizer
+from jaiserve import Engine, SamplingParams, file_sha256, load_model, load_tokenizer
 from jaiserve.api import CHAT_TEMPLATE
 
 YAML = {
@@ -113,7 +114,8 @@ def test_generate_and_chat_answer_the_seed_fields(handler, model_dir):
         assert [r["body"] for r in replies[:-1]] == [""] * (len(replies) - 1)  # nothing until done
         assert replies[-1]["done"] is True
         body = json.loads(replies[-1]["body"])
-        assert set(body) == {"prompt", "generated", "full_text", "finish_reason", "usage"}
+        assert set(body) == {"prompt", "generated", "full_text", "finish_reason", "usage", "model_version"}
+        assert body["model_version"] == file_sha256(model_dir / "ckpt.pt")[:12]  # the checkpoint that answered
         assert body["prompt"] == prompt and body["full_text"] == prompt + body["generated"]
         expected = engine.generate(
             [engine.encode(prompt)],
@@ -205,6 +207,16 @@ def test_disconnected_request_frees_its_slot(handler):
     drive(h, context, [])
     call(h, context, [("stays", None)])
     assert h.engine.running == 0 and not h.running
+
+
+def test_an_empty_batch_frees_every_request_its_clients_left(handler):
+    """The patch agent's fix 6: when hung-up clients emptied TorchServe's batch, it sends one empty batch."""
+    h, context = handler
+    call(h, context, [("left", {"prompt": "제주", "max_tokens": 50, "stream": True}),
+                      ("also", {"prompt": "원격", "max_tokens": 50})])
+    assert h.engine.running == 2
+    assert call(h, context, []) == {}  # no reply to give, and no step for nobody
+    assert h.engine.running == 0 and not h.running and not h.calls and not h.engine.has_work()
 
 
 def test_engine_failure_is_a_500_and_the_next_request_works(model_dir, monkeypatch):
@@ -428,8 +440,9 @@ def test_an_engine_failure_ends_an_openai_stream_with_an_error_event(model_dir, 
     assert first["done"] is False
     monkeypatch.setattr(h.engine, "step", lambda: 1 / 0)
     replies = call(h, context, [("s", None), ("new", At("v1/completions", {"model": "jai", "prompt": "a"}))])
-    [event] = sse(replies["s"]["body"])
+    event, done = sse(replies["s"]["body"])
     assert replies["s"]["done"] is True and json.loads(event)["error"]["type"] == "server_error"
+    assert done == "[DONE]"  # the SDKs raise their API error on the event
     assert replies["new"]["status"] == 500 and replies["new"]["done"] is None
     assert json.loads(replies["new"]["body"])["error"]["type"] == "server_error"
     assert not h.calls and not h.running and not h.engine.has_work()
@@ -484,3 +497,40 @@ def test_a_step_ahead_that_fails_is_a_500_for_the_next_batch_and_the_worker_goes
     assert not h.calls and not h.running and not h.engine.has_work() and h.ahead is None
     log = drive(h, context, [("y", {"prompt": "서울", "max_tokens": 2})])
     assert json.loads(log["y"][-1]["body"])["usage"]["completion_tokens"] == 2
+
+
+def test_a_new_version_takes_new_requests_while_running_ones_finish_on_theirs(model_dir, tmp_path):
+    """jaiserve/updates.py without a server: the folder scripts/update.py names is loaded on the loader
+    thread; from the next call new requests go to it, a running one ends on its version, which retires."""
+    from conftest import TINY, seed_checkpoint
+    from jaiserve.updates import UpdateState
+
+    h, context = make_handler(model_dir)
+    h.updates = UpdateState(tmp_path / "server", pid=1)
+    (tmp_path / "server").mkdir()
+    old = h.current.name
+    call(h, context, [("before", {"prompt": "제주", "max_tokens": 12, "temperature": 0})])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "server" / "model").write_text(f"{bad}\n")
+    h._follow_updates()
+    h.loading[1].exception(timeout=60)  # done (it failed)
+    call(h, context, [("before", None)])
+    assert h.current.name == old and (tmp_path / "server" / "version.1").read_text().startswith(f"failed {bad}: ")
+    new = tmp_path / "new"
+    new.mkdir()
+    seed_checkpoint(new / "ckpt.pt", seed=5, **TINY)
+    shutil.copy(model_dir / "tokenizer.json", new / "tokenizer.json")
+    (tmp_path / "server" / "model").write_text(f"{new}\n")
+    h._follow_updates()
+    h.loading[1].result(timeout=60)
+    replies = call(h, context, [("before", None), ("after", {"prompt": "제주", "max_tokens": 1, "temperature": 0})])
+    assert h.current.name == file_sha256(new / "ckpt.pt")[:12] != old
+    assert (tmp_path / "server" / "version.1").read_text() == f"{h.current.name} {new}\n"
+    assert json.loads(replies["after"]["body"])["model_version"] == h.current.name
+    assert set(h.versions) == {old, h.current.name}  # the old one still runs "before"
+    log = drive(h, context, [("before", None)])
+    assert json.loads(log["before"][-1]["body"])["model_version"] == old
+    call(h, context, [])
+    assert set(h.versions) == {h.current.name}  # retired once its last request ended

@@ -286,9 +286,14 @@ def test_chunks_hold_back_split_characters():
 def test_failures_take_each_views_shape():
     chat = parse("v1/chat/completions", {**CHAT, "stream": True})
     assert json.loads(chat.failure(500, "generation failed", streaming=False))["error"]["type"] == "server_error"
-    [streamed] = events(chat.failure(500, "generation failed", streaming=True))
+    streamed, done = events(chat.failure(500, "generation failed", streaming=True))
+    assert done == "[DONE]"
     assert streamed["error"]["message"] == "generation failed"
     native = parse("", {"prompt": "a", "stream": True})
-    assert json.loads(native.failure(500, "generation failed", streaming=True)) == {
+    line = native.failure(500, "generation failed", streaming=True)
+    assert line.endswith("\n") and json.loads(line) == {
+        "code": 500, "type": "InternalServerError", "message": "generation failed", "finish_reason": "error"
+    }
+    assert json.loads(native.failure(500, "generation failed", streaming=False)) == {
         "code": 500, "type": "InternalServerError", "message": "generation failed"
     }

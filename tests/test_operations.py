@@ -112,7 +112,7 @@ def test_request_log_has_one_line_per_request_without_the_prompt(ts_server):
     [line] = wait_for(new_lines, 30, what="the request's log line")
     match = re.search(
         r"request [0-9a-f-]{36} prompt_tokens=(\d+) generated_tokens=(\d+) finish_reason=(stop|length) "
-        r"ttft_ms=(\d+\.\d) total_ms=(\d+\.\d)$",
+        r"ttft_ms=(\d+\.\d) total_ms=(\d+\.\d) version=[0-9a-f]{12}$",
         line,
     )
     assert match, line

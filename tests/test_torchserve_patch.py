@@ -1,5 +1,6 @@
 """The TorchServe patch agent (torchserve-patch/) without a server: it accepts TorchServe 0.12.0's own
-classes and applies its fixes (five to the continuous batcher, three to token authorization); the third fix's behaviour on TorchServe's real ContinuousBatching and
+classes and applies its fixes (seven to the continuous batcher, three to token authorization); the third fix's
+behaviour on TorchServe's real ContinuousBatching and
 the fifth's on its real ModelRequestEncoder, each next to the unpatched behaviour; a JVM whose classes
 are not the expected ones refuses to start with one clear line; serve.sh checks the jar first.
 tests/test_torchserve_patch_e2e.py shows the fixes through a real torchserve."""
@@ -38,7 +39,7 @@ def javac(*args):
     subprocess.run(["javac", *map(str, args)], check=True, capture_output=True, text=True, timeout=300)
 
 
-def test_the_agent_applies_its_eight_fixes_to_torchserves_own_classes(agent_jar, tmp_path):
+def test_the_agent_applies_its_ten_fixes_to_torchserves_own_classes(agent_jar, tmp_path):
     result = java(f"-javaagent:{agent_jar}", "-cp", f"{FRONTEND}/*:{agent_jar}", "jaiserve.tspatch.Check",
                   cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -47,13 +48,15 @@ def test_the_agent_applies_its_eight_fixes_to_torchserves_own_classes(agent_jar,
                          "patched org.pytorch.serve.util.codec.ModelRequestEncoder",
                          "patched org.pytorch.serve.util.TokenAuthorization",
                          "patched org.pytorch.serve.http.TokenAuthorizationHandler"]
-    assert len([line for line in lines if line.startswith("  fix: ")]) == 8
-    assert lines[-1] == f"{NAME} check: OK, 8 fixes applied"
-    assert f"{NAME}: TorchServe classes checked; 8 fixes will apply as they load" in result.stderr
+    assert len([line for line in lines if line.startswith("  fix: ")]) == 10
+    assert lines[-1] == f"{NAME} check: OK, 10 fixes applied"
+    assert f"{NAME}: TorchServe classes checked; 10 fixes will apply as they load" in result.stderr
     # the line Model's class initializer logs (into logs/ts_log.log under torchserve)
-    assert re.search(rf"^INFO Model {NAME}: 5 fixes to TorchServe's continuous batcher: a describe job .*; "
+    assert re.search(rf"^INFO Model {NAME}: 7 fixes to TorchServe's continuous batcher: a describe job .*; "
                      r"a worker with running requests .*; \"Intermediate\" messages .*; "
                      r"a describe job met while filling a batch joins it .*; "
+                     r"a batch that clients emptied by hanging up is sent to the worker once more, empty, .*; "
+                     r"when a worker dies, a response it had begun ends with an error in its own format, .*; "
                      r"a request the worker already runs is re-sent without its HTTP headers .*$", result.stderr, re.M)
     # and TokenAuthorization's (torchserve-patch/src/jaiserve/tspatch/KeyPatches.java)
     assert re.search(rf"^INFO TokenAuthorization {NAME}: 3 fixes to TorchServe's token authorization: the keys in "
@@ -145,6 +148,8 @@ import java.util.concurrent.LinkedBlockingDeque;
 import java.util.concurrent.locks.ReentrantLock;
 public class Model {
     private final ReentrantLock lock = new ReentrantLock();
+    public String getModelName() { return "jai"; }
+    public void addFirst(org.pytorch.serve.job.Job job) { }
     public void pollInferJob(Map<String, Object> jobsRepo, int batchSize, LinkedBlockingDeque<Object> jobsQueue) {
         %s
     }
@@ -202,7 +207,10 @@ UNEXPECTED = {
     ),
     "ContinuousBatching without the call sites": (
         "ContinuousBatching", FAKE_BATCHER, [],
-        f"expected 1 call(s) to Job.response in {SEND}, found 0; expected method {GET_REQUEST}, not found",
+        f"expected 1 call(s) to Job.response in {SEND}, found 0; expected method {GET_REQUEST}, not found; "
+        f"expected 1 call(s) to Job.isOpen in {SEND}, found 0; "
+        f"expected method org.pytorch.serve.wlm.ContinuousBatching.jaiAnswerIntermediate(Lorg/pytorch/serve/util/"
+        "messages/ModelWorkerResponse;)Z, not found",
     ),
     "TokenAuthorizationHandler without the key checks": (
         "TokenAuthorizationHandler", FAKE_TOKEN_HANDLER, [],
@@ -255,7 +263,7 @@ def test_a_model_class_other_than_the_checked_one_stops_the_jvm_when_it_loads(ag
     (tmp_path / "SecondLoader.java").write_text(SECOND_LOADER)
     (tmp_path / "Model.java").write_text(FAKE_MODEL % ("", ""))
     javac("-d", tmp_path / "main", tmp_path / "SecondLoader.java")
-    javac("-d", tmp_path / "other", tmp_path / "Model.java")
+    javac("-cp", f"{FRONTEND}/*", "-d", tmp_path / "other", tmp_path / "Model.java")
     result = java(f"-javaagent:{agent_jar}", "-cp", f"{tmp_path / 'main'}:{FRONTEND}/*", "SecondLoader",
                   tmp_path / "other", cwd=tmp_path)
     assert result.returncode == 1 and result.stdout == ""

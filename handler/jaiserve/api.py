@@ -74,6 +74,7 @@ class ServedModel:
     created: int = 0  # Unix time the worker loaded it (OpenAI's model ``created``)
     context_tokens: int = 256  # block_size: chat history is cut to fit it
     count_tokens: Callable[[str], int] = len  # the tokenizer's count (len() only in tests without one)
+    version: str = ""  # the checkpoint new requests go to (jaiserve/updates.py): in every answer ("" = none)
     device: str = "cpu"  # where the worker's engine runs (the seed's /health "device")
 
 
@@ -285,9 +286,10 @@ class NativeExchange(Exchange):
     """``/predictions/jai``: one engine request; NDJSON lines ``{"text", "token_ids"}`` while streaming,
     then a last line (or the whole body) with the seed's fields."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, version: str = ""):
         super().__init__([request], request.stream)
         self.content_type = NDJSON if request.stream else JSON
+        self.version = version
 
     def chunk(self) -> str:
         choice = self.choices[0]
@@ -301,13 +303,17 @@ class NativeExchange(Exchange):
         body = completion_body(
             self.requests[0], choice.text, choice.finish_reason, choice.prompt_tokens, choice.completion_tokens
         )
+        if self.version:  # which checkpoint answered (docs/updates.md)
+            body["model_version"] = self.version
         if not self.stream:
             return dumps(body)
         text, ids = choice.take()
         return dumps({"text": text, "token_ids": ids, **body}) + "\n"
 
     def failure(self, status: int, message: str, streaming: bool) -> str:
-        return dumps(error_body(status, message))  # a stream reader sees a line without "text"
+        if streaming:  # a last NDJSON line: no "text", and why the stream ended (as when a worker dies)
+            return dumps({**error_body(status, message), "finish_reason": "error"}) + "\n"
+        return dumps(error_body(status, message))
 
 
 SEED_PATHS = ("generate", "chat", "health")  # the seed's routes, as the front door passes them on
@@ -327,7 +333,7 @@ class NativeRoute(Route):
         if self.path == "health":  # TorchServe does not pass the method: GET or POST alike, body ignored
             return Answer(health_body(model))
         if self.path == "chat":
-            return NativeExchange(parse_request(body, defaults, path_mode="chat"))
+            return NativeExchange(parse_request(body, defaults, path_mode="chat"), model.version)
         if self.path not in ("", "generate"):
             raise InvalidRequest(
                 None,
@@ -336,7 +342,7 @@ class NativeRoute(Route):
                 f"OpenAI's are under .../<version>/v1/)",
                 status=404,
             )
-        return NativeExchange(parse_request(body, defaults))
+        return NativeExchange(parse_request(body, defaults), model.version)
 
     def refusal(self, exc: InvalidRequest) -> str:
         return dumps(error_body(exc.status, str(exc)))

@@ -350,6 +350,7 @@ class OpenAIExchange(Exchange):
         self.id = self.id_prefix + request_id
         self.created = int(time.time())
         self.model = model.name
+        self.fingerprint = f"jai-{model.version}" if model.version else None  # which checkpoint answered
         self.content_type = SSE if self.stream else JSON
         self.events: list[str] = []
 
@@ -375,7 +376,7 @@ class OpenAIExchange(Exchange):
 
     def failure(self, status: int, message: str, streaming: bool) -> str:
         body = error_body(status, message)
-        return event(body) if streaming else dumps(body)  # the SDK raises on an event with "error"
+        return event(body) + DONE if streaming else dumps(body)  # the SDK raises on an event with "error"
 
     def usage(self) -> dict:
         """A prompt is counted once however many choices it has (as OpenAI does); completions add up."""
@@ -384,7 +385,10 @@ class OpenAIExchange(Exchange):
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _head(self, name: str) -> dict:
-        return {"id": self.id, "object": name, "created": self.created, "model": self.model}
+        head = {"id": self.id, "object": name, "created": self.created, "model": self.model}
+        if self.fingerprint:  # OpenAI's field for "the backend configuration that answered"
+            head["system_fingerprint"] = self.fingerprint
+        return head
 
     def _emit(self, choice: dict) -> None:
         body = {**self._head(self.chunk_name), "choices": [choice]}

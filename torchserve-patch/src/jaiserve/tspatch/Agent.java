@@ -27,7 +27,15 @@
  * And one cost: 5. ModelRequestEncoder.encodeRequest re-sends every running request's HTTP headers at
  *      every continuous handle() call, which the Python worker parses field by field. Fix: a request
  *      cached in the backend (already running there) is encoded with an empty header list.
- * Fixes 6-8 make TorchServe's token authorization behave like an OpenAI-compatible server's API key (kept
+ * And two ends of a request: 6. ContinuousBatching drops a running job whose client hung up, and the
+ *      handler learns of it only from the next call, where the request is missing; when that left the
+ *      batch empty, no next call came until new traffic (the handler kept generating for nobody). Fix:
+ *      such a batch is sent once more, empty. 7. When a worker process dies, BatchAggregator.sendError
+ *      answered every job of its batch with a full HTTP error, written into the middle of responses
+ *      already streaming (a broken chunked transfer). Fix: ContinuousBatching.sendError ends a begun
+ *      response with a last chunk carrying the error in the response's own format (WorkerLoss), and puts
+ *      a job the client has seen nothing of back at the head of the queue, once, for the replacement.
+ * Fixes 8-10 make TorchServe's token authorization behave like an OpenAI-compatible server's API key (kept
  *      across restarts, no expiry unless configured, 401 for a bad key): KeyPatches.java, docs/front-door.md.
  *
  * How: `vmargs=... -javaagent:torchserve-patch/build/jai-torchserve-patch.jar` in config.properties.

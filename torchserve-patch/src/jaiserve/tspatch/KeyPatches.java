@@ -14,15 +14,15 @@ import javassist.CtNewMethod;
  * (docs/front-door.md). TorchServe 0.12.0 writes new keys into key_file.json at every start, lets them
  * expire after token_expiration_min (60 by default) and answers a missing or wrong key with HTTP 400
  * InvalidKeyException, which the openai SDK raises as BadRequestError. Three fixes:
- *   6. TokenAuthorization.init: the keys of an existing key_file.json (management, inference, API) are
+ *   8. TokenAuthorization.init: the keys of an existing key_file.json (management, inference, API) are
  *      read back instead of new ones being written, so a client's key survives a restart. Rotation stays
  *      TorchServe's own: POST /token?type=inference on the management address with the API key writes a
  *      new inference key, which this server checks from then on (the old one is refused), and which the
  *      next start reads back.
- *   7. TokenAuthorization.generateTokenExpiration: without a token_expiration_min line in
+ *   9. TokenAuthorization.generateTokenExpiration: without a token_expiration_min line in
  *      config.properties a key never expires (key_file.json says "never"); with one, keys expire that many
  *      minutes after they are written, and a restart keeps the time the file states.
- *   8. TokenAuthorizationHandler.handleRequest: a missing or wrong key is HTTP 401 with
+ *   10. TokenAuthorizationHandler.handleRequest: a missing or wrong key is HTTP 401 with
  *      `WWW-Authenticate: Bearer` and a body in the shape of the route (Unauthorized), on the inference
  *      and the management address alike; the check itself (which key for which address) is TorchServe's.
  * Checked like the batcher's fixes (Patches): methods by name and descriptor, call sites by count.
@@ -59,7 +59,7 @@ final class KeyPatches {
     }
 
     /**
-     * Fix 6: init's one generateKeyFile(TOKEN_API) call (which writes three new keys) runs only when
+     * Fix 8: init's one generateKeyFile(TOKEN_API) call (which writes three new keys) runs only when
      * key_file.json cannot be read back. A file that exists but is not TorchServe's shape is replaced, and
      * the log says so.
      */
@@ -109,9 +109,9 @@ final class KeyPatches {
     }
 
     /**
-     * Fix 7: generateTokenExpiration answers Instant.MAX (never) when config.properties has no
+     * Fix 9: generateTokenExpiration answers Instant.MAX (never) when config.properties has no
      * token_expiration_min (TorchServe's own default would be 60 minutes); generateKeyFile writes MAX as
-     * "never". Reading a file back (fix 6): "never", or any time while no expiry is configured, becomes
+     * "never". Reading a file back (fix 8): "never", or any time while no expiry is configured, becomes
      * generateTokenExpiration()'s answer; a stated time stands while an expiry is configured.
      */
     private static void expireOnlyWhenConfigured(CtClass tokens) throws Refusal, CannotCompileException {
@@ -145,7 +145,7 @@ final class KeyPatches {
     }
 
     /**
-     * Fix 8: the three checks in handleRequest (the token API's, management's, inference's) become "check,
+     * Fix 10: the three checks in handleRequest (the token API's, management's, inference's) become "check,
      * and on a refusal answer 401 and stop": TorchServe's private checkTokenAuthorization threw
      * InvalidKeyException, which HttpRequestHandler answers with 400.
      */

@@ -13,6 +13,7 @@ import javassist.ClassPool;
 import javassist.CtBehavior;
 import javassist.CtClass;
 import javassist.CtConstructor;
+import javassist.CtField;
 import javassist.CtMethod;
 import javassist.CtNewMethod;
 import javassist.LoaderClassPath;
@@ -22,7 +23,7 @@ import javassist.expr.ExprEditor;
 import javassist.expr.MethodCall;
 
 /**
- * The five fixes (see Agent's header), each checked against the class file before it is applied:
+ * The seven fixes (see Agent's header), each checked against the class file before it is applied:
  * methods are found by name and descriptor, call sites by owner, name, descriptor, count and order.
  * Nothing here loads a TorchServe class: Javassist reads the class files through the class loader's
  * resources and compiles the inserted code against them, so a renamed method or field also refuses.
@@ -46,6 +47,13 @@ final class Patches {
     static final String FIX_HEADERS = "a request the worker already runs is re-sent without its HTTP headers"
             + " (ModelRequestEncoder.encodeRequest)";
 
+    static final String FIX_HUNG_UP = "a batch that clients emptied by hanging up is sent to the worker once"
+            + " more, empty, so that the handler frees their requests now, not when new traffic comes"
+            + " (ContinuousBatching.sendResponse, getRequest)";
+    static final String FIX_WORKER_DIED = "when a worker dies, a response it had begun ends with an error in"
+            + " its own format, and a request it had not answered yet waits for the replacement worker"
+            + " (ContinuousBatching.sendError)";
+
     private static final String DEQUE = "java.util.concurrent.LinkedBlockingDeque";
     private static final String LOCK = "java.util.concurrent.locks.ReentrantLock";
     private static final String MAP = "java.util.Map";
@@ -61,6 +69,8 @@ final class Patches {
     private static final String ENCODE_REQUEST = "(L" + INPUT.replace('.', '/') + ";Lio/netty/buffer/ByteBuf;)V";
     private static final String RESPONSE = "([BLjava/lang/CharSequence;ILjava/lang/String;Ljava/util/Map;)V";
     private static final String HELPER = "jaiAnswerIntermediate";
+    private static final String HUNG_UP = "jaiClientLeft";  // fix 6's field: a client left since the last call
+    private static final String BEGUN = "jaiBegun";  // fix 7's field: job id -> content type, once answered
 
     private Patches() {}
 
@@ -70,7 +80,7 @@ final class Patches {
         pool.appendClassPath(new LoaderClassPath(loader));
         List<String> problems = new ArrayList<>();
         List<String> modelFixes = Arrays.asList(FIX_DESCRIBE, FIX_LOCK);
-        List<String> batcherFixes = Arrays.asList(FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS);
+        List<String> batcherFixes = Arrays.asList(FIX_INTERMEDIATE, FIX_DESCRIBE_JOINS, FIX_HUNG_UP, FIX_WORKER_DIED);
         List<String> encoderFixes = Arrays.asList(FIX_HEADERS);
         // Model loads first (a ContinuousBatching needs one), and premain refuses unless every fix is
         // ready: the line Model logs names them all
@@ -80,7 +90,8 @@ final class Patches {
         Patched model = patch(pool, problems, MODEL, modelFixes,
                 Patches::placeDescribeJobs, Patches::skipAdmissionWhenLockTaken, m -> logWhenLoaded(m, all));
         Patched batcher = patch(pool, problems, BATCHER, batcherFixes,
-                Patches::answerIntermediateMessages, Patches::keepPredictingWithADescribe);
+                Patches::answerIntermediateMessages, Patches::keepPredictingWithADescribe, Patches::freeHungUpClients,
+                Patches::endResponsesOfADeadWorker);
         Patched encoder = patch(pool, problems, ENCODER, encoderFixes, Patches::noHeadersForCachedRequests);
         List<Patched> keys = KeyPatches.prepare(pool, problems);  // token authorization (KeyPatches)
         if (!problems.isEmpty()) {
@@ -219,6 +230,93 @@ final class Patches {
                 + " return " + HELPER + "($1); }");
     }
 
+    /**
+     * Fix 6: sendResponse drops a running job whose client closed its connection (`!job.isOpen()`, the
+     * second `jobs.remove`), and the handler learns of it only from the next call, where the request is
+     * missing. When that leaves the batch empty, 0.12.0 sends no next call: getRequest waits in the
+     * queue for new traffic and the worker's engine keeps the hung-up requests (with 2 workers, the last
+     * hung-up request of each). Now getRequest, with the batch emptied that way, sends one empty batch:
+     * the handler aborts every request it holds (handler/jai_handler.py) and answers an empty list.
+     */
+    private static void freeHungUpClients(CtClass batcher) throws Refusal, CannotCompileException {
+        CtMethod send = declared(batcher, "sendResponse", SEND_RESPONSE);
+        expectCalls(send, JOB, "isOpen", "()Z", 1);
+        expectCalls(send, MAP, "remove", "(Ljava/lang/Object;)Ljava/lang/Object;", 2);
+        CtMethod get = declared(batcher, "getRequest", GET_REQUEST);
+        declared(other(batcher, MODEL), "getModelName", "()Ljava/lang/String;");  // named by the empty batch
+        batcher.addField(CtField.make("private boolean " + HUNG_UP + ";", batcher));
+        // the second removal is the closed connection's (the first: a request the handler finished)
+        replaceCall(send, MAP, "remove", "(Ljava/lang/Object;)Ljava/lang/Object;", 1,
+                "{ $_ = $proceed($$); " + HUNG_UP + " = true; }");
+        get.insertBefore("if (" + HUNG_UP + ") { " + HUNG_UP + " = false; if (jobs.isEmpty()) {"
+                + " return new " + INFERENCE_REQUEST + "(model.getModelName()); } }");
+    }
+
+    /**
+     * Fix 7: when the worker process dies, WorkerThread (finally) calls aggregator.sendError(req, "Worker
+     * died.", status), and BatchAggregator.sendError answers every job of the batch with a full HTTP
+     * error response, written into the middle of responses already streaming: the client sees a broken
+     * chunked transfer. ContinuousBatching gets its own sendError: a response that has begun ends with a
+     * last chunk in its own format (WorkerLoss.lastChunk, by the content type of its first chunk); a job
+     * the client has seen nothing of goes back to the head of the queue, once, for the replacement
+     * worker (a second death fails it as before). Which jobs have begun: every Job.response call of this
+     * class records the job id and content type (the intermediate messages' helper of fix 3 included).
+     */
+    private static void endResponsesOfADeadWorker(CtClass batcher) throws Refusal, CannotCompileException {
+        String sendError = "(Lorg/pytorch/serve/util/messages/BaseModelRequest;Ljava/lang/String;I)V";
+        for (CtMethod m : batcher.getDeclaredMethods()) {
+            if (m.getName().equals("sendError")) {
+                throw new Refusal(BATCHER + " already declares sendError: patched twice, or not 0.12.0");
+            }
+        }
+        declared(other(batcher, "org.pytorch.serve.wlm.BatchAggregator"), "sendError", sendError);  // overridden
+        declared(other(batcher, MODEL), "addFirst", "(L" + JOB.replace('.', '/') + ";)V");  // the queue's head
+        CtMethod send = declared(batcher, "sendResponse", SEND_RESPONSE);
+        CtMethod helper = declared(batcher, HELPER, "(Lorg/pytorch/serve/util/messages/ModelWorkerResponse;)Z");
+        CtMethod get = declared(batcher, "getRequest", GET_REQUEST);
+        expectCalls(send, JOB, "response", RESPONSE, 1);
+        expectCalls(helper, JOB, "response", RESPONSE, 1);
+        batcher.addField(CtField.make("private java.util.Map " + BEGUN + " = new java.util.HashMap();", batcher));
+        String record = "{ " + BEGUN + ".put($0.getJobId(), $2 == null ? \"\" : $2.toString()); $proceed($$); }";
+        replaceCall(send, JOB, "response", RESPONSE, 0, record);
+        replaceCall(helper, JOB, "response", RESPONSE, 0, record);
+        get.insertBefore(BEGUN + ".keySet().retainAll(jobs.keySet());");  // finished jobs left the batch
+        batcher.addMethod(CtNewMethod.make(
+                "public void sendError(org.pytorch.serve.util.messages.BaseModelRequest message, String error,"
+                + "    int status) {"
+                + "  if (message instanceof org.pytorch.serve.util.messages.ModelLoadModelRequest) {"
+                + "    super.sendError(message, error, status);"
+                + "    return;"
+                + "  }"
+                + "  " + HUNG_UP + " = false;"
+                + "  java.util.List batch = new java.util.ArrayList(jobs.values());"
+                + "  for (int i = batch.size() - 1; i >= 0; i--) {"  // backwards: addFirst keeps their order
+                + "    " + JOB + " job = (" + JOB + ") batch.get(i);"
+                + "    String type = (String) " + BEGUN + ".get(job.getJobId());"
+                + "    if (job.isControlCmd()) {"
+                + "      job.sendError(status, error);"
+                + "    } else if (type != null) {"
+                + "      java.util.Map headers = new java.util.HashMap();"
+                + "      headers.put(org.pytorch.serve.util.messages.RequestInput.TS_STREAM_NEXT, \"false\");"
+                + "      String path = (String) job.getPayload().getHeaders().get(\"url_path\");"
+                + "      job.response(jaiserve.tspatch.WorkerLoss.lastChunk(type, path), type, 200, null, headers);"
+                + "      logger.warn(\"Worker died: ended the begun response of request {}\","
+                + "          job.getPayload().getRequestId());"
+                + "    } else if (jaiserve.tspatch.WorkerLoss.firstRequeue(job)) {"
+                + "      job.getPayload().setCachedInBackend(false);"
+                + "      model.addFirst(job);"
+                + "      logger.warn(\"Worker died: request {} goes back to the queue\","
+                + "          job.getPayload().getRequestId());"
+                + "    } else {"
+                + "      job.sendError(status, error);"
+                + "    }"
+                + "  }"
+                + "  " + BEGUN + ".clear();"
+                + "  cleanJobs();"
+                + "}",
+                batcher));
+    }
+
     /** One line in logs/ts_log.log, through Model's own logger, when the JVM initializes Model. */
     private static void logWhenLoaded(CtClass model, List<String> fixes) throws CannotCompileException {
         CtConstructor init = model.getClassInitializer();
@@ -240,6 +338,15 @@ final class Patches {
             }
         }
         throw new Refusal("expected method " + cls.getName() + "." + name + descriptor + ", not found");
+    }
+
+    /** Another class, read from the class path beside ``cls`` (not loaded). */
+    private static CtClass other(CtClass cls, String className) throws Refusal {
+        try {
+            return cls.getClassPool().get(className);
+        } catch (javassist.NotFoundException e) {
+            throw new Refusal("expected class " + className + " on the class path, not found");
+        }
     }
 
     static void expectCalls(CtBehavior in, String owner, String name, String descriptor, int count)

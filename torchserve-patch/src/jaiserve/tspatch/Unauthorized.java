@@ -1,7 +1,7 @@
 package jaiserve.tspatch;
 
 /**
- * The body of a 401 (KeyPatches, fix 8), in the shape of the route that was asked: OpenAI's error object
+ * The body of a 401 (KeyPatches, fix 10), in the shape of the route that was asked: OpenAI's error object
  * under .../v1/ (so the openai SDK raises AuthenticationError), TorchServe's {code, type, message}
  * everywhere else (the shape JAI's native API and TorchServe's own APIs answer errors in).
  * Called from TorchServe's patched TokenAuthorizationHandler; depends on nothing but the JDK.
