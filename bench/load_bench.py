@@ -128,15 +128,18 @@ def _read_lines(response, arrivals: list) -> int:
 
 
 def _read_events(response, arrivals: list) -> int:
-    """OpenAI server-sent events: one arrival per text chunk; the usage chunk (no choices) comes last."""
+    """OpenAI server-sent events: one arrival per chunk that carries text; the usage comes with the last
+    chunk (ours: a chunk of its own without choices; llama-server: beside the last choice)."""
+    usage = None
     for line in response.iter_lines():
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
-        if chunk["choices"]:
+        if any(choice.get("text") for choice in chunk.get("choices", ())):
             arrivals.append(time.perf_counter())
-        elif chunk.get("usage"):
-            usage = chunk["usage"]
+        usage = chunk.get("usage") or usage
+    if usage is None:
+        raise RuntimeError("the stream ended without usage (was stream_options.include_usage sent?)")
     return usage["completion_tokens"]
 
 

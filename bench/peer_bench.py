@@ -89,7 +89,6 @@ class TorchServeTarget:
 
 
 def client(target, n_requests: int, tokens: int, seed: int, out: list, gate: threading.Barrier) -> None:
-    session = requests.Session()
     headers = target.headers()
     gate.wait()
     for i in range(n_requests):
@@ -97,7 +96,9 @@ def client(target, n_requests: int, tokens: int, seed: int, out: list, gate: thr
                             "temperature": TEMPERATURE, "top_k": TOP_K, "seed": seed * 1000 + i, "stream": True,
                             "stream_options": {"include_usage": True}})
         sent = time.perf_counter()
-        response = session.post(target.completions_url, json=body, headers=headers, stream=True, timeout=600)
+        # a connection per request, for both servers: llama-server's HTTP library sometimes closes a kept-alive
+        # connection after a stream, which a reused session meets as "Remote end closed connection"
+        response = requests.post(target.completions_url, json=body, headers=headers, stream=True, timeout=600)
         response.raise_for_status()
         arrivals: list[float] = []
         generated = _read_events(response, arrivals)
@@ -131,7 +132,8 @@ def in_process(engine_model, clients: int, requests_per_client: int, tokens: int
         params = [SamplingParams(max_tokens=tokens, temperature=TEMPERATURE, top_k=TOP_K, seed=c * 1000 + wave)
                   for c in range(clients)]
         produced += sum(len(r.token_ids) for r in engine.generate(prompts, params))
-    return {"clients": clients, "tokens_per_s": produced / (time.perf_counter() - began)}
+    return {"clients": clients, "requests": clients * requests_per_client,
+            "tokens_per_s": produced / (time.perf_counter() - began)}
 
 
 # ----- report -----
