@@ -57,12 +57,14 @@ SLOTS = 64  # llama-server --parallel: as many sequences as our batchSize
 TEMPERATURE, TOP_K = 0.8, 50
 LLAMA, OURS, IN_PROCESS = "llama-server", "JAI (TorchServe)", "JAI in-process"
 SHIPPED_VMARGS = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M).group(1)
-# --variants: more torchserve servers beside the shipped one, each with these config.properties lines
+# --variants: more torchserve servers beside the shipped one, each with these config.properties lines and
+# model-config.yaml handler keys
 VARIANTS = {
     # a JVM sized for 2 cores: one GC thread, the C1 compiler only (C2's compiles compete with the engine),
     # one Netty thread each side
-    "lean-jvm": {"vmargs": SHIPPED_VMARGS + " -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1",
-                 "number_of_netty_threads": "1", "netty_client_threads": "1"},
+    "lean-jvm": ({"vmargs": SHIPPED_VMARGS + " -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1",
+                  "number_of_netty_threads": "1", "netty_client_threads": "1"}, {}),
+    **{f"one-thread-{rows}": ({}, {"one_thread_rows": rows}) for rows in (0, 2, 4, 8, 16)},
 }
 
 
@@ -224,8 +226,12 @@ def main() -> None:
             for variant in [None, *args.variants]:
                 root = scratch / f"ts-{variant or 'shipped'}"
                 root.mkdir()
-                archive(root, checkpoint, tokenizer)
-                server = stack.enter_context(running_torchserve(root, properties=VARIANTS.get(variant)))
+                properties, handler = VARIANTS.get(variant, ({}, {}))
+                config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
+                config["handler"].update(handler)
+                (root / "model-config.yaml").write_text(yaml.safe_dump(config))
+                archive(root, checkpoint, tokenizer, root / "model-config.yaml")
+                server = stack.enter_context(running_torchserve(root, properties=properties))
                 targets.append(TorchServeTarget(server, OURS + (f", {variant}" if variant else "")))
             for target in targets:
                 run_level(target, 1, 1, 8)  # warm-up

@@ -154,6 +154,8 @@ class JAIHandler(BaseHandler):
             max_prefill_tokens=self.settings.max_prefill_tokens,
             utf8_safe_sampling=self.settings.utf8_safe_sampling,
             window_stride=self.settings.window_stride,
+            threads=self.settings.threads or torch.get_num_threads(),
+            one_thread_rows=self.settings.one_thread_rows,
         )
         sha256 = file_sha256(checkpoint)
         description = {

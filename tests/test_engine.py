@@ -204,3 +204,31 @@ def test_a_wide_batch_decodes_like_the_seed(tiny_model, tiny_reference):
     prompts = [prompt_of(1 + 3 * i % 20, offset=i) for i in range(n)]
     results = Engine(tiny_model, max_batch=n).generate(prompts, [SamplingParams(max_tokens=12, top_k=1)] * n)
     assert [r.token_ids for r in results] == [reference_greedy(tiny_reference, p, 12) for p in prompts]
+
+
+def test_small_decode_steps_run_on_one_thread_and_decode_alike(tiny_model, tiny_reference):
+    """one_thread_rows: a decode-only step of at most that many rows sets torch to one thread, a prefill or a
+    larger step back to the engine's; the tokens are the seed's either way."""
+    before = torch.get_num_threads()
+    try:
+        engine = Engine(tiny_model, max_batch=4, threads=2, one_thread_rows=1)
+        tokens, threads = {"a": [], "b": []}, []
+
+        def step():
+            for out in engine.step():
+                tokens[out.request_id] += out.token_ids
+            threads.append(torch.get_num_threads())
+
+        engine.add_request("a", prompt_of(5), SamplingParams(max_tokens=6, top_k=1))
+        step()  # a's prefill
+        step()  # a decodes alone
+        engine.add_request("b", prompt_of(4, offset=9), SamplingParams(max_tokens=3, top_k=1))
+        step()  # a decodes beside b's prefill
+        step()  # a and b decode: two rows
+        while engine.has_work():
+            step()  # b ends after its third token, a decodes alone again
+        assert threads == [2, 1, 2, 2, 2, 1]
+        assert tokens["a"] == reference_greedy(tiny_reference, prompt_of(5), 6)
+        assert tokens["b"] == reference_greedy(tiny_reference, prompt_of(4, offset=9), 3)
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ class Settings:
     dtype: str = "float32"  # or bfloat16, or int8 (Linear layers per-channel int8, jaiserve/int8.py; CPU only)
     cpu_linear: str = "onednn"  # float32 on CPU: Linear weights packed for oneDNN (jaiserve/packed.py), or aten
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
+    one_thread_rows: int = 0  # decode-only steps of at most this many requests run on one torch thread (0: never)
     step_budget_ms: float = 50  # continuous batching: engine steps per handle() call, then back to TorchServe
     step_ahead: bool = True  # continuous batching: the next step runs during TorchServe's round trip
     max_prefill_tokens: int = 512  # prompt and re-cropped window tokens prefilled per step: bounds a step's stall
