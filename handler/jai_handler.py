@@ -21,10 +21,10 @@ ahead cannot admit the requests the next call brings; that call admits them and 
 that they wait as little as possible for it, the step ahead only decodes: prompts and re-read windows
 are prefilled by the steps inside calls.
 
-The HTTP contract lives in jaiserve/api.py: TorchServe's ``url_path`` header (what follows
-``/predictions/jai/<version>/``) picks the view (native, or OpenAI's under ``v1/``), which parses a
-body into an exchange of one or more engine requests (OpenAI's ``n`` and prompt lists fan out into the
-same batch) and formats their steps. This module only moves requests and steps between the two.
+The HTTP contract lives in jaiserve/api.py and openai_api.py: TorchServe's ``url_path`` header (what
+follows ``/predictions/jai/<version>/``) picks the view (jaiserve/routes.py: native, or OpenAI's under
+``v1/``), which parses a body into an exchange of one or more engine requests (OpenAI's ``n`` and
+prompt lists fan out into the same batch) and formats their steps. This module only moves requests and steps between the two.
 
 Never raise out of ``handle()``: TorchServe would fail every request of the batch. Bad input is a
 400 for that request alone; an engine failure is a 500 for the requests it touched.
@@ -46,9 +46,10 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from jaiserve import Engine, Limits, ParameterError, file_sha256, load_model, load_tokenizer
-from jaiserve.api import JSON, Defaults, Exchange, GenerationRequest, InvalidRequest, ServedModel, reason_phrase, route
+from jaiserve.api import JSON, Defaults, Exchange, GenerationRequest, InvalidRequest, ServedModel, reason_phrase
 from jaiserve.drain import DRAINING, DrainState
 from jaiserve.packed import linear_kernels
+from jaiserve.routes import route
 from jaiserve.settings import Settings
 
 logger = logging.getLogger(__name__)
