@@ -58,16 +58,24 @@ def _answer(model, tokenizer, questions):
 
 
 def test_same_seed_same_model(tmp_path):
-    a = build_demo_model(tmp_path / "a", steps=5, seed=3, progress=False)
-    b = build_demo_model(tmp_path / "b", steps=5, seed=3, progress=False)
-    state_a = torch.load(a.checkpoint, weights_only=True)["model"]
-    state_b = torch.load(b.checkpoint, weights_only=True)["model"]
+    """Each build runs as `make demo` runs it, in a fresh interpreter: the same seed on one machine gives
+    the same files. (In-process, after most of the suite, two builds once differed; the thread count
+    alone changes the tensors: 1 and 2 torch threads give different ones.)"""
+
+    def build(name, seed):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_model.py"), "--out-dir", str(tmp_path / name),
+                        "--steps", "5", "--seed", str(seed)], check=True, capture_output=True, timeout=300)
+        return tmp_path / name / CHECKPOINT, tmp_path / name / TOKENIZER
+
+    (a, a_tokenizer), (b, b_tokenizer) = build("a", 3), build("b", 3)
+    state_a = torch.load(a, weights_only=True)["model"]
+    state_b = torch.load(b, weights_only=True)["model"]
     assert list(state_a) == list(state_b)
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
-    assert a.tokenizer.read_text() == b.tokenizer.read_text()
-    c = build_demo_model(tmp_path / "c", steps=5, seed=4, progress=False)
-    assert file_sha256(c.checkpoint) != file_sha256(a.checkpoint)
+    assert a_tokenizer.read_text() == b_tokenizer.read_text()
+    c, _ = build("c", 4)
+    assert file_sha256(c) != file_sha256(a)
 
 
 def test_held_out_questions_are_not_in_the_corpus():
