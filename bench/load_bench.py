@@ -156,6 +156,11 @@ def run_level(server, clients: int, requests_per_client: int, tokens, stream: bo
         t.join()
     wall = time.perf_counter() - began
     client_cpu = (time.process_time() - cpu) / wall  # this process's cores: the server's 2 cores are shared
+    return summarize(results, clients, wall, client_cpu, stream)
+
+
+def summarize(results: list[dict], clients: int, wall: float, client_cpu: float, stream: bool = True) -> dict:
+    """One closed-loop run's figures from its requests' send and arrival times (also bench/peer_bench.py)."""
     ttft = [(r["arrivals"][0] - r["sent"]) * 1000 for r in results] if stream else []
     itl = [(b - a) * 1000 for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     latency = [(r["arrivals"][-1] - r["sent"]) * 1000 for r in results]

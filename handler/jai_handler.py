@@ -130,6 +130,7 @@ class JAIHandler(BaseHandler):
             created=int(time.time()),
             context_tokens=model.config.block_size,
             count_tokens=lambda text: len(self.engine.encode(text)),
+            device=str(self.device),
         )
         self.calls: dict[str, JAIHandler.Call] = {}  # by TorchServe request id
         self.running: dict[str, JAIHandler.Running] = {}  # by engine request id

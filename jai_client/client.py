@@ -217,7 +217,8 @@ def _body(prompt: str, mode: str, stream: bool, params: dict[str, Any]) -> dict[
 
 
 def _refused_token(response: requests.Response) -> bool:
-    return response.status_code == 400 and _json_or_none(response).get("type") == TOKEN_REFUSED
+    # 401 with JAI's agent (torchserve-patch KeyPatches); 400 from an unpatched TorchServe
+    return response.status_code in (400, 401) and _json_or_none(response).get("type") == TOKEN_REFUSED
 
 
 def _http_error(response: requests.Response) -> JAIError:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Run TorchServe with JAI in the background (nohup-style): start | stop | restart | drain | status | logs.
+# Run TorchServe with JAI in the background (nohup-style): start | stop | restart | drain | status | logs |
+# rotate-key.
 # For a supervised service use deploy/systemd/jai-serve.service or deploy/launchd/com.jai.server.plist;
 # they, the container (deploy/docker) and the pod's preStop (deploy/k8s) call `drain` before stopping.
 set -euo pipefail
 
 usage() {
     cat <<USAGE
-usage: scripts/serve.sh start|stop|restart|drain|status|logs
+usage: scripts/serve.sh start|stop|restart|drain|status|logs|rotate-key
 
 Runs torchserve in JAI_DIR (default: the repo root) with JAI_DIR/config.properties: the model store,
 metrics.yaml, logs/ and key_file.json are all relative to it. torchserve records its pid in
@@ -16,6 +17,10 @@ JAI_START_TIMEOUT (s, default 180) bounds the wait for a READY worker.
 drain: new requests get a 503 {"type": "Draining"} (a balancer re-sends them elsewhere) while the
 running ones finish, for at most JAI_DRAIN_TIMEOUT seconds (default 120; 0: do not wait); the server
 keeps running, draining, until it is stopped. stop drains first, then stops torchserve.
+
+rotate-key: a new inference key in key_file.json, in force at once: the old key is refused from then on
+(TorchServe's POST /token?type=inference on the management address, with the file's API key). Keys are
+kept across restarts and do not expire unless config.properties sets token_expiration_min (docs/front-door.md).
 USAGE
 }
 
@@ -97,7 +102,8 @@ start() {
     [[ -f ${store:-model_store}/jai.mar ]] ||
         { echo "serve.sh: ${store:-model_store}/jai.mar missing: run ./archive.sh" >&2; exit 1; }
     agent_jar_present || exit 1
-    rm -f key_file.json
+    # key_file.json is kept: the agent reads its keys back (torchserve-patch KeyPatches), so clients' keys
+    # survive a restart
     "$bin/torchserve" --start --ncs --ts-config config.properties >logs.start.txt 2>&1 ||
         { cat logs.start.txt >&2; exit 1; }
     wait_ready
@@ -147,10 +153,26 @@ stop() {
     local pid
     if ! pid=$(running_pid); then echo "serve.sh: not running"; return 0; fi
     drain
-    # --foreground makes --stop wait (up to 60 s) until the frontend and its workers have exited
-    "$bin/torchserve" --stop --foreground
+    # What `torchserve --stop --foreground` does (SIGTERM, wait up to 60 s for the frontend and its workers),
+    # except that it also deletes ./key_file.json, whose keys clients keep using across restarts
+    kill -TERM "$pid"
+    local deadline=$((SECONDS + 60))
+    while alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+    if alive "$pid"; then echo "serve.sh: torchserve (pid $pid) still runs 60 s after SIGTERM" >&2; return 1; fi
+    rm -f "$pid_file"
     rm -rf "${TMPDIR:-/tmp}/jai-drain.$pid"
     echo "serve.sh: stopped"
+}
+
+rotate_key() {
+    [[ -n $(running_pid) ]] || { echo "serve.sh: not running (the key is rotated by the running server)" >&2; exit 1; }
+    token_auth && [[ -f key_file.json ]] || { echo "serve.sh: token authorization is off: there is no key" >&2; exit 1; }
+    local old
+    old=$(key inference)
+    curl -sf -X POST -H "Authorization: Bearer $(key API)" "$management/token?type=inference" >/dev/null ||
+        { echo "serve.sh: the management API refused the rotation (is key_file.json this server's?)" >&2; exit 1; }
+    [[ $(key inference) != "$old" ]] || { echo "serve.sh: key_file.json still holds the old key" >&2; exit 1; }
+    echo "serve.sh: new inference key in $PWD/key_file.json; the old one is refused from now on"
 }
 
 case "${1:-}" in
@@ -158,6 +180,7 @@ case "${1:-}" in
     stop) stop ;;
     restart) stop && start ;;
     drain) drain ;;
+    rotate-key) rotate_key ;;
     status)
         if pid=$(running_pid); then echo "serve.sh: running (pid $pid) in $PWD"; else echo "serve.sh: stopped"; exit 3; fi
         ;;

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model (fast unit tests), the seed's full default shape, a Korean tokenizer."""
+"""Shared fixtures: a tiny model (fast unit tests), the seed's full default shape, a Korean tokenizer;
+the demo model in a real torchserve, and the front door (nginx) in front of it."""
 
 import shutil
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jaiserve import Engine, load_model
 from reference_gpt import ReferenceGPT
-from ts_launcher import archive, running_torchserve
+from ts_launcher import archive, running_front_door, running_torchserve
 
 TINY = dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32)
 FULL = dict(vocab_size=24000, block_size=256, n_layer=6, n_head=6, n_embd=384)
@@ -102,3 +103,10 @@ def ts_server(tmp_path_factory, demo_build):
     archive(root, demo_build.checkpoint, demo_build.tokenizer)
     with running_torchserve(root) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def front_door(ts_server, tmp_path_factory):
+    """The front door (nginx) in front of the session's torchserve."""
+    with running_front_door(tmp_path_factory.mktemp("nginx"), ts_server.inference.removeprefix("http://")) as url:
+        yield url

@@ -134,7 +134,7 @@ def test_a_rotated_key_file_is_read_again(ts_server, tmp_path):
     client = JAIClient(ts_server.inference, ts_server.management, key_file=key_file)
     with pytest.raises(JAIError) as refused:
         client.health()
-    assert refused.value.status == 400 and "Token Authorization failed" in refused.value.message
+    assert refused.value.status == 401 and "Token Authorization failed" in refused.value.message
     key_file.write_text((ts_server.root / "key_file.json").read_text())  # as TorchServe rewrites it
     assert client.health() == {"status": "Healthy"}  # the cached expired key is refused, then replaced
 

@@ -128,10 +128,10 @@ def test_bad_input_gets_a_400_while_a_request_in_flight_succeeds(ts_server):
 
 def test_a_request_without_a_token_is_refused(ts_server):
     response = requests.post(f"{ts_server.inference}/predictions/jai", json={"prompt": "a"}, timeout=30)
-    assert response.status_code == 400 and "Token Authorization failed" in response.text
+    assert response.status_code == 401 and "Token Authorization failed" in response.text
     wrong = requests.post(f"{ts_server.inference}/predictions/jai", json={"prompt": "a"}, timeout=30,
                           headers={"Authorization": "Bearer not-the-key"})
-    assert wrong.status_code == 400
+    assert wrong.status_code == 401
 
 
 def test_describe_shows_the_handler_description(ts_server, demo_build):

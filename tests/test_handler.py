@@ -342,6 +342,24 @@ def test_openai_models_and_unknown_paths_are_answered_at_once(handler):
     assert replies["g"]["status"] == 200 and not h.calls and not h.running
 
 
+def test_the_seed_paths_generate_chat_and_health(handler):
+    """What the front door on :8000 passes on: /generate, /chat (chat mode) and /health (the seed's body)."""
+    h, context = handler
+    body = {"prompt": "판교 백엔드", "max_tokens": 6, "temperature": 0}
+    log = drive(h, context, [
+        ("native", {**body, "mode": "chat"}), ("chat", At("chat", body)), ("gen", At("generate", body)),
+        ("plain", body), ("health", At("health", b"")), ("mixed", At("chat", {**body, "mode": "generate"})),
+    ])
+    replies = {name: entries[-1] for name, entries in log.items()}
+    answers = {name: json.loads(replies[name]["body"]) for name in ("native", "chat", "gen", "plain")}
+    assert answers["chat"] == answers["native"] and answers["chat"]["prompt"].startswith("[QUESTION]\n판교 백엔드")
+    assert answers["gen"] == answers["plain"] and answers["gen"]["prompt"] == "판교 백엔드"
+    assert {"prompt", "generated", "full_text"} <= set(answers["chat"])
+    assert json.loads(replies["health"]["body"]) == {"status": "healthy", "model_loaded": True, "device": "cpu"}
+    assert replies["mixed"]["status"] == 400
+    assert json.loads(replies["mixed"]["body"])["message"] == "mode: is 'chat' on /chat (leave it out), got 'generate'"
+
+
 def test_openai_n_fans_out_into_the_same_batch_and_joins_in_one_answer(handler):
     h, context = handler
     body = {"model": "jai", "prompt": "서울 채용", "n": 3, "max_tokens": 5, "seed": 7, "temperature": 1.0}

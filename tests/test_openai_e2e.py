@@ -1,19 +1,14 @@
 """The OpenAI-compatible API end to end: the real `openai` SDK against a real torchserve serving the demo
-model, directly (base_url .../predictions/jai/1.0/v1) and through the shipped nginx site (base_url .../v1)."""
+model, directly (base_url .../predictions/jai/1.0/v1) and through the shipped nginx site (base_url .../v1;
+the front_door fixture, tests/conftest.py)."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import openai
 import pytest
 import requests
-
-from ts_launcher import ROOT, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -134,48 +129,8 @@ def test_a_stream_read_line_by_line_arrives_spread_over_time(ts_server):
 # ----- the same SDK calls through the shipped nginx site -----
 
 
-@pytest.fixture(scope="module")
-def nginx(ts_server, tmp_path_factory):
-    """Debian's nginx running deploy/nginx/jai.conf, its ports moved onto free ones; always stopped."""
-    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if binary is None:
-        message = "nginx not installed (apt-get install nginx; `make test` installs it as root)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    root = tmp_path_factory.mktemp("nginx")
-    [port] = free_ports(1)
-    site = (ROOT / "deploy" / "nginx" / "jai.conf").read_text()
-    site = site.replace("server 127.0.0.1:8080;", f"server {ts_server.inference.removeprefix('http://')};")
-    site = re.sub(r"listen 8000;", f"listen 127.0.0.1:{port};", site)
-    (root / "jai.conf").write_text(site)
-    user = "user root;\n" if os.geteuid() == 0 else ""  # workers write the scratch temp paths below
-    (root / "nginx.conf").write_text(
-        f"{user}daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n"
-        f"events {{ worker_connections 256; }}\nhttp {{\n  access_log {root}/access.log;\n"
-        + "".join(f"  {kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
-                                                                       "scgi"))
-        + f"  include {root}/jai.conf;\n}}\n"
-    )
-    process = subprocess.Popen([binary, "-p", str(root), "-c", str(root / "nginx.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, (root / "error.log").read_text()[-3000:]
-            try:
-                requests.get(url, timeout=5)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def test_the_sdk_through_nginx_with_a_host_only_base_url(nginx, client, ts_server):
-    proxied = sdk(f"{nginx}/v1", ts_server)
+def test_the_sdk_through_nginx_with_a_host_only_base_url(front_door, client, ts_server):
+    proxied = sdk(f"{front_door}/v1", ts_server)
     assert [m.id for m in proxied.models.list()] == ["jai"]
     direct = client.completions.create(model="jai", prompt="대전 ML", **GREEDY).choices[0].text
     assert proxied.completions.create(model="jai", prompt="대전 ML", **GREEDY).choices[0].text == direct
@@ -186,6 +141,5 @@ def test_the_sdk_through_nginx_with_a_host_only_base_url(nginx, client, ts_serve
     assert "".join(streamed) == plain and len([p for p in streamed if p]) > 1
     with pytest.raises(openai.BadRequestError, match="top_p"):
         proxied.chat.completions.create(model="jai", messages=messages, top_p=0)
-    health = requests.get(f"{nginx}/health", headers=ts_server.headers(), timeout=30)
-    assert health.status_code == 200 and health.json()["status"] == "Healthy"
-    assert requests.get(f"{nginx}/predictions/jai", timeout=30).status_code == 404  # only /v1/ and /health
+    unknown = requests.get(f"{front_door}/metrics", headers=ts_server.headers(), timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["type"] == "NotFound"  # only the routes it names

@@ -1,5 +1,5 @@
 """The TorchServe patch agent (torchserve-patch/) without a server: it accepts TorchServe 0.12.0's own
-classes and applies its five fixes; the third fix's behaviour on TorchServe's real ContinuousBatching and
+classes and applies its fixes (five to the continuous batcher, three to token authorization); the third fix's behaviour on TorchServe's real ContinuousBatching and
 the fifth's on its real ModelRequestEncoder, each next to the unpatched behaviour; a JVM whose classes
 are not the expected ones refuses to start with one clear line; serve.sh checks the jar first.
 tests/test_torchserve_patch_e2e.py shows the fixes through a real torchserve."""
@@ -38,21 +38,27 @@ def javac(*args):
     subprocess.run(["javac", *map(str, args)], check=True, capture_output=True, text=True, timeout=300)
 
 
-def test_the_agent_applies_its_five_fixes_to_torchserves_own_classes(agent_jar, tmp_path):
+def test_the_agent_applies_its_eight_fixes_to_torchserves_own_classes(agent_jar, tmp_path):
     result = java(f"-javaagent:{agent_jar}", "-cp", f"{FRONTEND}/*:{agent_jar}", "jaiserve.tspatch.Check",
                   cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:3] == ["patched org.pytorch.serve.wlm.Model", "patched org.pytorch.serve.wlm.ContinuousBatching",
-                         "patched org.pytorch.serve.util.codec.ModelRequestEncoder"]
-    assert len([line for line in lines if line.startswith("  fix: ")]) == 5
-    assert lines[-1] == f"{NAME} check: OK, 5 fixes applied"
-    assert f"{NAME}: TorchServe classes checked; 5 fixes will apply as they load" in result.stderr
+    assert lines[:5] == ["patched org.pytorch.serve.wlm.Model", "patched org.pytorch.serve.wlm.ContinuousBatching",
+                         "patched org.pytorch.serve.util.codec.ModelRequestEncoder",
+                         "patched org.pytorch.serve.util.TokenAuthorization",
+                         "patched org.pytorch.serve.http.TokenAuthorizationHandler"]
+    assert len([line for line in lines if line.startswith("  fix: ")]) == 8
+    assert lines[-1] == f"{NAME} check: OK, 8 fixes applied"
+    assert f"{NAME}: TorchServe classes checked; 8 fixes will apply as they load" in result.stderr
     # the line Model's class initializer logs (into logs/ts_log.log under torchserve)
     assert re.search(rf"^INFO Model {NAME}: 5 fixes to TorchServe's continuous batcher: a describe job .*; "
                      r"a worker with running requests .*; \"Intermediate\" messages .*; "
                      r"a describe job met while filling a batch joins it .*; "
                      r"a request the worker already runs is re-sent without its HTTP headers .*$", result.stderr, re.M)
+    # and TokenAuthorization's (torchserve-patch/src/jaiserve/tspatch/KeyPatches.java)
+    assert re.search(rf"^INFO TokenAuthorization {NAME}: 3 fixes to TorchServe's token authorization: the keys in "
+                     r"key_file.json are read back .*; keys never expire unless .*; a missing or wrong key is 401 .*$",
+                     result.stderr, re.M)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -167,6 +173,15 @@ MODEL_2 = "org.pytorch.serve.wlm.Model.pollInferJob(Ljava/util/Map;I)V"
 MODEL_3 = "org.pytorch.serve.wlm.Model.pollInferJob(Ljava/util/Map;ILjava/util/concurrent/LinkedBlockingDeque;)V"
 SEND = "org.pytorch.serve.wlm.ContinuousBatching.sendResponse(Lorg/pytorch/serve/util/messages/ModelWorkerResponse;)Z"
 
+FAKE_TOKEN_HANDLER = """package org.pytorch.serve.http;
+public class TokenAuthorizationHandler {
+    public void handleRequest(io.netty.channel.ChannelHandlerContext ctx, io.netty.handler.codec.http.FullHttpRequest req,
+            io.netty.handler.codec.http.QueryStringDecoder decoder, String[] segments) { }
+}"""
+HANDLE = ("org.pytorch.serve.http.TokenAuthorizationHandler.handleRequest(Lio/netty/channel/ChannelHandlerContext;"
+          "Lio/netty/handler/codec/http/FullHttpRequest;Lio/netty/handler/codec/http/QueryStringDecoder;"
+          "[Ljava/lang/String;)V")
+
 UNEXPECTED = {
     "Model without the call sites": (
         "Model", FAKE_MODEL % ("", ""), [],
@@ -188,6 +203,10 @@ UNEXPECTED = {
     "ContinuousBatching without the call sites": (
         "ContinuousBatching", FAKE_BATCHER, [],
         f"expected 1 call(s) to Job.response in {SEND}, found 0; expected method {GET_REQUEST}, not found",
+    ),
+    "TokenAuthorizationHandler without the key checks": (
+        "TokenAuthorizationHandler", FAKE_TOKEN_HANDLER, [],
+        f"expected 3 call(s) to TokenAuthorizationHandler.checkTokenAuthorization in {HANDLE}, found 0",
     ),
     "ModelRequestEncoder without the call sites": (
         "ModelRequestEncoder", FAKE_ENCODER, [],

@@ -1,4 +1,5 @@
-"""Start a real torchserve from the repo's config.properties in a scratch folder (tests, benchmarks).
+"""Start a real torchserve from the repo's config.properties in a scratch folder (tests, benchmarks), and
+the front door (nginx) in front of one.
 
 The folder gets its own copy of config.properties with the three ports moved to free ones (and the patch
 agent's jar named by its absolute path), its own model store, logs, key_file.json and pid file, so it
@@ -17,8 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import requests
 
+from scripts import front_door
 # what every way of starting torchserve shares (scripts/common.py); tests import them from here
 from scripts.common import absolute_javaagent, alive, free_ports
 
@@ -78,26 +81,16 @@ def _alive(pid_file: Path) -> bool:
 
 
 @contextmanager
-def running_torchserve(root: Path, start_timeout: float = 180):
-    """Serve ``root/model_store/jai.mar`` with the repo's config.properties; always stop it."""
+def running_torchserve(root: Path, start_timeout: float = 180, properties: dict[str, str] | None = None):
+    """Serve ``root/model_store/jai.mar`` with the repo's config.properties (``properties`` replace or add
+    lines of it, e.g. a benchmark's JVM variant); always stop it."""
     root = Path(root)
-    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), free_ports(5)))
-    config = (ROOT / "config.properties").read_text()
-    config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m.group(1)]}", config)
-    config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m.group(1)}={ports[m.group(2)]}", config, flags=re.M)
-    # the frontend names its worker sockets after java.io.tmpdir, not TMPDIR: keep them in the scratch folder
-    config = re.sub(r"^vmargs=(.*)$", lambda m: f"vmargs={m.group(1)} -Djava.io.tmpdir={root}", config, flags=re.M)
-    config = absolute_javaagent(config)
-    (root / "config.properties").write_text(config)
-    for relative in re.findall(r"^metrics_config=(\S+)$", config, flags=re.M):  # files it names
-        if not Path(relative).is_absolute():
-            shutil.copy(ROOT / relative, root / relative)
+    server = write_config(root, properties)
     env = dict(os.environ, TMPDIR=str(root), LOG_LOCATION=str(root / "logs"), METRICS_LOCATION=str(root / "logs"))
     torchserve = str(BIN / "torchserve")
     with open(root / "start.log", "w") as log:  # not a pipe: the daemon inherits it and never closes it
         subprocess.run([torchserve, "--start", "--ncs", "--ts-config", "config.properties"],
                        cwd=root, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(root, *(f"http://127.0.0.1:{ports[p]}" for p in ("8080", "8081", "8082")))
     try:
         deadline = time.monotonic() + start_timeout
         while True:
@@ -116,3 +109,53 @@ def running_torchserve(root: Path, start_timeout: float = 180):
         with open(root / "stop.log", "w") as log:
             subprocess.run([torchserve, "--stop"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                            timeout=120)
+
+
+def write_config(root: Path, properties: dict[str, str] | None = None) -> Server:
+    """``root/config.properties``: the repo's with ``properties`` replacing (or added to) its lines, its
+    ports moved to free ones; the Server it describes."""
+    ports = dict(zip(("8080", "8081", "8082", "7070", "7071"), free_ports(5)))
+    config = (ROOT / "config.properties").read_text()
+    for key, value in (properties or {}).items():
+        line = f"{key}={value}"
+        config, found = re.subn(rf"^{re.escape(key)}=.*$", lambda _: line, config, flags=re.M)
+        config += "" if found else f"\n{line}\n"
+    config = re.sub(r"127\.0\.0\.1:(808[012])", lambda m: f"127.0.0.1:{ports[m.group(1)]}", config)
+    config = re.sub(r"^(grpc_\w+_port)=(\d+)$", lambda m: f"{m.group(1)}={ports[m.group(2)]}", config, flags=re.M)
+    # the frontend names its worker sockets after java.io.tmpdir, not TMPDIR: keep them in the scratch folder
+    config = re.sub(r"^vmargs=(.*)$", lambda m: f"vmargs={m.group(1)} -Djava.io.tmpdir={root}", config, flags=re.M)
+    config = absolute_javaagent(config)
+    (root / "config.properties").write_text(config)
+    for relative in re.findall(r"^metrics_config=(\S+)$", config, flags=re.M):  # files it names
+        if not Path(relative).is_absolute():
+            shutil.copy(ROOT / relative, root / relative)
+    return Server(root, *(f"http://127.0.0.1:{ports[p]}" for p in ("8080", "8081", "8082")))
+
+
+@contextmanager
+def running_front_door(root: Path, upstream: str):
+    """Debian's nginx running deploy/nginx/jai.conf on a free port, as `make serve` writes it (only the
+    ports moved), in front of ``upstream`` (host:port); yields its base URL; always stopped."""
+    binary = front_door.nginx_binary()
+    if binary is None:
+        message = "nginx not installed (apt-get install nginx; `make test` installs it as root)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    [port] = free_ports(1)
+    conf = front_door.write_config(root, f"127.0.0.1:{port}", upstream, daemon=False)
+    process = subprocess.Popen([binary, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (root / "error.log").read_text()[-3000:]
+            try:
+                requests.get(url + "/", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "nginx did not start listening"
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

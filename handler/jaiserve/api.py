@@ -4,7 +4,9 @@ Two views of one pipeline, picked by TorchServe's ``url_path`` header (routes.py
 - native, ``POST /predictions/jai`` (this module): the seed's ``prompt``, ``max_tokens``,
   ``temperature``, ``top_k``; plus ``top_p``, ``seed``, ``stop``, ``mode`` (generate | chat) and
   ``stream``. Response: the seed's ``prompt``, ``generated``, ``full_text``, plus ``finish_reason`` and
-  ``usage``; streamed as NDJSON lines.
+  ``usage``; streamed as NDJSON lines. The seed's own paths, which the front door on :8000
+  (deploy/nginx/jai.conf) maps to ``/predictions/jai/<version>/<path>``: ``generate`` (the same),
+  ``chat`` (chat mode by default) and ``health`` (the seed's health body, answered by a worker).
 - OpenAI, ``/predictions/jai/<version>/v1/...`` (openai_api.py, built on this module): models,
   completions, chat/completions, streamed as server-sent events.
 
@@ -72,6 +74,7 @@ class ServedModel:
     created: int = 0  # Unix time the worker loaded it (OpenAI's model ``created``)
     context_tokens: int = 256  # block_size: chat history is cut to fit it
     count_tokens: Callable[[str], int] = len  # the tokenizer's count (len() only in tests without one)
+    device: str = "cpu"  # where the worker's engine runs (the seed's /health "device")
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,17 @@ class Exchange:
         raise NotImplementedError
 
 
+class Answer(Exchange):
+    """A call answered without the engine: a model list, a health check."""
+
+    def __init__(self, body: dict):
+        super().__init__([])
+        self.body = body
+
+    def final(self) -> str:
+        return dumps(self.body)
+
+
 class Route:
     """How one ``url_path`` reads requests and writes refusals."""
 
@@ -202,16 +216,21 @@ def sampling_params(**values) -> SamplingParams:
         raise InvalidRequest.from_parameter(exc) from None
 
 
-def parse_request(body, defaults: Defaults = Defaults()) -> GenerationRequest:
-    """Validate one native request body into a GenerationRequest."""
+def parse_request(body, defaults: Defaults = Defaults(), path_mode: str | None = None) -> GenerationRequest:
+    """Validate one native request body into a GenerationRequest.
+
+    ``path_mode``: the mode the path sets (the seed's ``/chat``: "chat"); ``mode``, if sent, must agree.
+    """
     body = decode_body(body)
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise InvalidRequest(unknown[0], f"is not a known field (known: {', '.join(FIELDS)})")
     prompt = check_prompt(body.get("prompt"), "prompt", defaults)
-    mode = body.get("mode", "generate")
+    mode = body.get("mode", path_mode or "generate")
     if mode not in MODES:
         raise InvalidRequest("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if path_mode is not None and mode != path_mode:
+        raise InvalidRequest("mode", f"is {path_mode!r} on /{path_mode} (leave it out), got {mode!r}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
@@ -279,16 +298,30 @@ class NativeExchange(Exchange):
         return dumps(error_body(status, message))  # a stream reader sees a line without "text"
 
 
+SEED_PATHS = ("generate", "chat", "health")  # the seed's routes, as the front door passes them on
+
+
+def health_body(model: ServedModel) -> dict:
+    """The seed's ``GET /health`` body. A worker answers it, so the model is loaded; with no worker
+    TorchServe itself answers 503, and a draining worker 503 Draining."""
+    return {"status": "healthy", "model_loaded": True, "device": model.device}
+
+
 class NativeRoute(Route):
     def __init__(self, path: str = ""):
         self.path = path
 
     def parse(self, body, request_id: str, defaults: Defaults, model: ServedModel) -> Exchange:
-        if self.path:
+        if self.path == "health":  # TorchServe does not pass the method: GET or POST alike, body ignored
+            return Answer(health_body(model))
+        if self.path == "chat":
+            return NativeExchange(parse_request(body, defaults, path_mode="chat"))
+        if self.path not in ("", "generate"):
             raise InvalidRequest(
                 None,
                 f"no route {self.path!r} after /predictions/{model.name}/<version>/ (JAI's API is "
-                f"POST /predictions/{model.name}, OpenAI's is under .../<version>/v1/)",
+                f"POST /predictions/{model.name}, the seed's are .../<version>/{{{','.join(SEED_PATHS)}}}, "
+                f"OpenAI's are under .../<version>/v1/)",
                 status=404,
             )
         return NativeExchange(parse_request(body, defaults))

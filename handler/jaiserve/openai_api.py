@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .api import (
     CHAT_STOP,
+    Answer,
     CHAT_TEMPLATE,
     JSON,
     Defaults,
@@ -79,10 +80,10 @@ class OpenAIRoute(Route):
 
     def parse(self, body, request_id: str, defaults: Defaults, model: ServedModel) -> Exchange:
         if self.path == "v1/models":  # TorchServe does not pass the HTTP method: GET or POST alike
-            return Listing({"object": "list", "data": [model_object(model)]})
+            return Answer({"object": "list", "data": [model_object(model)]})
         if self.path.startswith("v1/models/"):
             _check_model(self.path.removeprefix("v1/models/"), model)
-            return Listing(model_object(model))
+            return Answer(model_object(model))
         if self.path == "v1/completions":
             return _completions(decode_body(body, EXAMPLES[self.path]), request_id, defaults, model)
         if self.path == "v1/chat/completions":
@@ -335,17 +336,6 @@ def _content(content, where: str) -> str:
 
 
 # ----- responses -----
-
-
-class Listing(Exchange):
-    """An answer that needs no engine: the model list."""
-
-    def __init__(self, body: dict):
-        super().__init__([])
-        self.body = body
-
-    def final(self) -> str:
-        return dumps(self.body)
 
 
 class OpenAIExchange(Exchange):

@@ -10,7 +10,8 @@ from .openai_api import OpenAIRoute
 def route(url_path: str | None) -> Route:
     """The view for TorchServe's ``url_path`` header: what follows ``/predictions/<model>/<version>/``.
 
-    Empty: the native API. ``v1`` and below: OpenAI's. Anything else: the native shape's 404.
+    Empty: the native API; ``generate``, ``chat``, ``health``: the seed's paths in the native shape;
+    ``v1`` and below: OpenAI's. Anything else: the native shape's 404.
     """
     path = (url_path or "").strip("/")
     if path == "v1" or path.startswith("v1/"):

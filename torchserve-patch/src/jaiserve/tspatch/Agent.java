@@ -27,6 +27,8 @@
  * And one cost: 5. ModelRequestEncoder.encodeRequest re-sends every running request's HTTP headers at
  *      every continuous handle() call, which the Python worker parses field by field. Fix: a request
  *      cached in the backend (already running there) is encoded with an empty header list.
+ * Fixes 6-8 make TorchServe's token authorization behave like an OpenAI-compatible server's API key (kept
+ *      across restarts, no expiry unless configured, 401 for a bad key): KeyPatches.java, docs/front-door.md.
  *
  * How: `vmargs=... -javaagent:torchserve-patch/build/jai-torchserve-patch.jar` in config.properties.
  * premain() reads the three class files from the class path WITHOUT loading them, checks that every method

@@ -82,17 +82,20 @@ final class Patches {
         Patched batcher = patch(pool, problems, BATCHER, batcherFixes,
                 Patches::answerIntermediateMessages, Patches::keepPredictingWithADescribe);
         Patched encoder = patch(pool, problems, ENCODER, encoderFixes, Patches::noHeadersForCachedRequests);
+        List<Patched> keys = KeyPatches.prepare(pool, problems);  // token authorization (KeyPatches)
         if (!problems.isEmpty()) {
             throw new Refusal(String.join("; ", problems));
         }
-        return Arrays.asList(model, batcher, encoder);
+        List<Patched> patched = new ArrayList<>(Arrays.asList(model, batcher, encoder));
+        patched.addAll(keys);
+        return patched;
     }
 
     /**
      * One class's edits, in order, on its class file as read from the class path. Every edit runs (so
      * one refusal line names every mismatch); null when any of them was refused.
      */
-    private static Patched patch(ClassPool pool, List<String> problems, String className, List<String> fixes,
+    static Patched patch(ClassPool pool, List<String> problems, String className, List<String> fixes,
             Edit... edits) {
         try {
             byte[] original = classFile(pool, className);
@@ -230,7 +233,7 @@ final class Patches {
 
     // ----- checks -----
 
-    private static CtMethod declared(CtClass cls, String name, String descriptor) throws Refusal {
+    static CtMethod declared(CtClass cls, String name, String descriptor) throws Refusal {
         for (CtMethod m : cls.getDeclaredMethods()) {
             if (m.getName().equals(name) && m.getSignature().equals(descriptor)) {
                 return m;
@@ -239,7 +242,7 @@ final class Patches {
         throw new Refusal("expected method " + cls.getName() + "." + name + descriptor + ", not found");
     }
 
-    private static void expectCalls(CtBehavior in, String owner, String name, String descriptor, int count)
+    static void expectCalls(CtBehavior in, String owner, String name, String descriptor, int count)
             throws Refusal, CannotCompileException {
         List<Integer> lines = new ArrayList<>();
         in.instrument(new ExprEditor() {
@@ -256,7 +259,7 @@ final class Patches {
         }
     }
 
-    private static void expectParameter(CtMethod m, int slot, String name, String descriptor) throws Refusal {
+    static void expectParameter(CtMethod m, int slot, String name, String descriptor) throws Refusal {
         CodeAttribute code = m.getMethodInfo().getCodeAttribute();
         LocalVariableAttribute table = code == null ? null
                 : (LocalVariableAttribute) code.getAttribute(LocalVariableAttribute.tag);
@@ -277,7 +280,7 @@ final class Patches {
 
     // ----- edits -----
 
-    private static void replaceCall(CtBehavior in, String owner, String name, String descriptor, int index,
+    static void replaceCall(CtBehavior in, String owner, String name, String descriptor, int index,
             String source) throws CannotCompileException {
         in.instrument(new ExprEditor() {
             private int seen;
@@ -294,7 +297,7 @@ final class Patches {
     // ----- helpers -----
 
     /** A rewrite of one class: checks its call sites, then edits them (or throws Refusal). */
-    private interface Edit {
+    interface Edit {
         void apply(CtClass cls) throws Refusal, CannotCompileException;
     }
 

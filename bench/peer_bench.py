@@ -1,0 +1,256 @@
+"""JAI served by TorchServe beside llama.cpp's llama-server on the same checkpoint, and our engine in-process.
+
+    .venv/bin/python bench/peer_bench.py [--clients 1 4 16 64] [--rounds 2] [--tokens 128]
+                                         [--requests-per-client 2] [--llama-version 0.3.36] [--portable]
+                                         [--plot bench/results/peer.png]
+
+One load generator drives both servers through their OpenAI completion routes (streamed, temperature 0.8,
+top_k 50, seeded; llama-server's other samplers switched off and ``ignore_eos`` set, so both make every
+token asked for): closed loop, each client sending its next request when the last one ends. Concurrency
+levels run in turn on each server, ``--rounds`` times, servers interleaved; medians are reported. Our
+engine alone (``Engine.generate``, same settings as served) runs the same requests in this process while
+both servers sit idle, for the served / in-process ratio.
+
+The model is the seed's full default shape (24000/256/6/6/384) with random weights and load_bench's
+synthetic 24000-token tokenizer, written to GGUF F32 by scripts/export_gguf.py. llama-server runs 64
+slots of 256 positions, ``--threads 2``, continuous batching; torchserve the repo's config.properties and
+model-config.yaml.
+
+llama-server is built once from the llama.cpp sources that PyPI distributes (the source distribution of
+``llama-cpp-python``, its ``vendor/llama.cpp``) into ``~/.cache/jai-serve/llama.cpp`` with cmake: a native
+build first (``GGML_NATIVE``: this CPU's instructions), checked by serving a q8_0 export of the model; if
+that build fails or the binary dies (a VM may refuse instructions its CPU reports), a portable build
+(``GGML_NATIVE=OFF``, every x86 variant, chosen at run time). It takes minutes: not in CI.
+Writes bench/results/peer.json. Compare within one run, with the machine otherwise idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests"), str(ROOT / "bench"), str(ROOT)]
+
+from engine_bench import PROMPT_TOKENS, make_engine  # noqa: E402
+from jaiserve import SamplingParams, load_model, load_tokenizer  # noqa: E402
+from load_bench import _read_events, make_bench_model, median_row, summarize  # noqa: E402
+from scripts import llama_server  # noqa: E402
+from scripts.export_gguf import export  # noqa: E402
+from ts_launcher import archive, running_torchserve  # noqa: E402
+
+SLOTS = 64  # llama-server --parallel: as many sequences as our batchSize
+TEMPERATURE, TOP_K = 0.8, 50
+LLAMA, OURS, IN_PROCESS = "llama-server", "JAI (TorchServe)", "JAI in-process"
+SHIPPED_VMARGS = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M).group(1)
+# --variants: more torchserve servers beside the shipped one, each with these config.properties lines
+VARIANTS = {
+    # a JVM sized for 2 cores: one GC thread, the C1 compiler only (C2's compiles compete with the engine),
+    # one Netty thread each side
+    "lean-jvm": {"vmargs": SHIPPED_VMARGS + " -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1",
+                 "number_of_netty_threads": "1", "netty_client_threads": "1"},
+}
+
+
+# ----- our server through the same client -----
+
+
+@dataclass
+class TorchServeTarget:
+    server: object  # ts_launcher.Server
+    name: str = OURS
+
+    @property
+    def completions_url(self) -> str:
+        return f"{self.server.inference}/predictions/jai/1.0/v1/completions"
+
+    def headers(self) -> dict:
+        return self.server.headers()
+
+    def body(self, body: dict) -> dict:
+        return body
+
+
+# ----- load -----
+
+
+def client(target, n_requests: int, tokens: int, seed: int, out: list, gate: threading.Barrier) -> None:
+    session = requests.Session()
+    headers = target.headers()
+    gate.wait()
+    for i in range(n_requests):
+        body = target.body({"model": "jai", "prompt": f"bench {seed} {i} hello", "max_tokens": tokens,
+                            "temperature": TEMPERATURE, "top_k": TOP_K, "seed": seed * 1000 + i, "stream": True,
+                            "stream_options": {"include_usage": True}})
+        sent = time.perf_counter()
+        response = session.post(target.completions_url, json=body, headers=headers, stream=True, timeout=600)
+        response.raise_for_status()
+        arrivals: list[float] = []
+        generated = _read_events(response, arrivals)
+        out.append({"sent": sent, "arrivals": arrivals, "tokens": generated})
+
+
+def run_level(target, clients: int, requests_per_client: int, tokens: int) -> dict:
+    results: list[dict] = []
+    gate = threading.Barrier(clients + 1)
+    threads = [threading.Thread(target=client, args=(target, requests_per_client, tokens, c, results, gate))
+               for c in range(clients)]
+    for t in threads:
+        t.start()
+    gate.wait()
+    began, cpu = time.perf_counter(), time.process_time()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    if len(results) != clients * requests_per_client:
+        raise RuntimeError(f"{target.name}: {clients * requests_per_client - len(results)} requests failed")
+    return summarize(results, clients, wall, (time.process_time() - cpu) / wall)
+
+
+def in_process(engine_model, clients: int, requests_per_client: int, tokens: int) -> dict:
+    """The same requests through ``Engine.generate`` in this process: ``clients`` at a time, in waves."""
+    engine = make_engine(engine_model, SLOTS)
+    engine.generate([[1] * 4], [SamplingParams(max_tokens=4)])  # warm-up
+    produced, began = 0, time.perf_counter()
+    for wave in range(requests_per_client):
+        prompts = [torch.randint(0, 24000, (PROMPT_TOKENS,)).tolist() for _ in range(clients)]
+        params = [SamplingParams(max_tokens=tokens, temperature=TEMPERATURE, top_k=TOP_K, seed=c * 1000 + wave)
+                  for c in range(clients)]
+        produced += sum(len(r.token_ids) for r in engine.generate(prompts, params))
+    return {"clients": clients, "tokens_per_s": produced / (time.perf_counter() - began)}
+
+
+# ----- report -----
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def print_table(rows: list[dict]) -> None:
+    """Per concurrency, every target's figures, and each one's tokens/s against llama-server's and against our
+    engine in-process."""
+    by = {(r["target"], r["clients"]): r for r in rows}
+    print("| clients | server | tokens/s | / llama-server | / JAI in-process | TTFT p50 / p99 (ms) "
+          "| gap p50 / p99 (ms) |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        llama, alone = by[(LLAMA, r["clients"])], by[(IN_PROCESS, r["clients"])]
+        tokens = f"{r['tokens_per_s']:.0f}"
+        if len(r.get("tokens_per_s_runs", ())) > 1:
+            tokens += f" ({min(r['tokens_per_s_runs']):.0f}-{max(r['tokens_per_s_runs']):.0f})"
+        timing = ("| | " if r["target"] == IN_PROCESS else
+                  f"| {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['itl_ms_p50']:.1f} / {r['itl_ms_p99']:.1f} ")
+        print(f"| {r['clients']} | {r['target']} | {tokens} | {r['tokens_per_s'] / llama['tokens_per_s']:.2f} "
+              f"| {r['tokens_per_s'] / alone['tokens_per_s']:.2f} {timing}|")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for target in dict.fromkeys(r["target"] for r in rows):
+        mine = [r for r in rows if r["target"] == target]
+        clients = [r["clients"] for r in mine]
+        [line] = left.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=target)
+        if all(len(r.get("tokens_per_s_runs", ())) > 1 for r in mine):
+            left.fill_between(clients, [min(r["tokens_per_s_runs"]) for r in mine],
+                              [max(r["tokens_per_s_runs"]) for r in mine], color=line.get_color(), alpha=0.2)
+        if "ttft_ms_p50" in mine[0]:
+            right.plot(clients, [r["ttft_ms_p50"] for r in mine], marker="o", label=target)
+    for axis, name in ((left, "tokens/s (higher is better)"), (right, "TTFT p50, ms (lower is better)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent streaming clients")
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    right.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--llama-version", default=llama_server.VERSION)
+    parser.add_argument("--portable", action="store_true", help="skip the native build")
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="also serve with these config.properties variants, beside the shipped one")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "peer.png")
+    args = parser.parse_args()
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="jai-peer-") as scratch:
+        scratch = Path(scratch)
+        checkpoint, tokenizer = make_bench_model(scratch)
+        gguf = export(checkpoint, tokenizer, scratch / "jai-f32.gguf", "f32")
+        q8 = export(checkpoint, tokenizer, scratch / "jai-q8_0.gguf", "q8_0")  # the build's check runs it too
+        binary = llama_server.working_binary([gguf, q8], scratch, args.llama_version, args.portable)
+        settings = yaml.safe_load((ROOT / "model-config.yaml").read_text())["handler"]
+        model = load_model(checkpoint, dtype=settings["dtype"], cpu_linear=settings["cpu_linear"])
+        load_tokenizer(tokenizer, model.config.vocab_size)
+        torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
+        with contextlib.ExitStack() as stack:  # every server up at once; one is loaded at a time
+            targets = [stack.enter_context(llama_server.running(
+                binary, gguf, scratch / "llama.log", SLOTS, model.config.block_size))]
+            for variant in [None, *args.variants]:
+                root = scratch / f"ts-{variant or 'shipped'}"
+                root.mkdir()
+                archive(root, checkpoint, tokenizer)
+                server = stack.enter_context(running_torchserve(root, properties=VARIANTS.get(variant)))
+                targets.append(TorchServeTarget(server, OURS + (f", {variant}" if variant else "")))
+            for target in targets:
+                run_level(target, 1, 1, 8)  # warm-up
+            for clients in args.clients:
+                runs: dict[str, list[dict]] = {}
+                for _round in range(args.rounds):
+                    for target in targets:
+                        row = {"target": target.name, **run_level(target, clients, args.requests_per_client, args.tokens)}
+                        runs.setdefault(target.name, []).append(row)
+                        print(f"  {target.name:18s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
+                              f"ttft p50 {row['ttft_ms_p50']:6.0f} ms", file=sys.stderr)
+                    alone = {"target": IN_PROCESS, **in_process(model, clients, args.requests_per_client, args.tokens)}
+                    runs.setdefault(alone["target"], []).append(alone)
+                    print(f"  {IN_PROCESS:18s} {clients:3d} clients {alone['tokens_per_s']:7.1f} tokens/s",
+                          file=sys.stderr)
+                rows += [median_row(level) for level in runs.values()]
+    title = (f"JAI vs llama-server, full default shape, float32 / GGUF F32, {args.tokens} tokens streamed; "
+             f"{machine}")
+    print(f"\n{title}; median of {args.rounds} rounds\n")
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "llama_cpp_python": args.llama_version,
+                                    "llama_server": str(binary), "tokens": args.tokens, "rounds": args.rounds,
+                                    "requests_per_client": args.requests_per_client, "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.plot, title)
+
+
+if __name__ == "__main__":
+    main()
