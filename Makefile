@@ -1,5 +1,5 @@
-# JAI Serve: `make serve` (set up, build the demo model if there is no checkpoint, archive, start)
-# and `make test` (set up, run the whole suite). See README.md.
+# JAI Serve: `make serve` (set up the runtime, archive your checkpoint or the shipped demo model, start)
+# and `make test` (set up with the development packages too, run the whole suite). See README.md.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,9 +8,9 @@ export PYTHONUNBUFFERED := 1
 .PHONY: serve test setup java torchserve-patch prometheus nginx haproxy web browser llama-server gguf demo archive start \
 	stop status rotate-key update rollback multi-start multi-stop bench peer-bench clean
 
-serve: setup nginx web demo archive start
+serve: setup nginx web archive start
 
-test: setup prometheus nginx haproxy web browser llama-server
+test: setup $(VENV)/.installed-dev prometheus nginx haproxy web browser llama-server
 	$(PY) -m pytest
 
 setup: $(VENV)/.installed java torchserve-patch
@@ -22,10 +22,15 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# Development and test packages on top of the runtime (requirements-dev.txt includes requirements.txt)
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
 java:
 	scripts/ensure_java.sh
 
-# The Java agent config.properties loads into TorchServe (README, Batching); rebuilt only when stale.
+# The Java agent config.properties loads into TorchServe (docs/batching.md); rebuilt only when stale.
 torchserve-patch: java
 	torchserve-patch/build.sh
 
@@ -48,11 +53,11 @@ haproxy:
 
 # tests/test_gguf.py runs llama.cpp's llama-server on our GGUF export: its portable build, made once (minutes) from
 # the llama.cpp sources in PyPI's llama-cpp-python into ~/.cache/jai-serve/llama.cpp (scripts/llama_server.py)
-llama-server: $(VENV)/.installed
+llama-server: $(VENV)/.installed-dev
 	$(PY) scripts/llama_server.py --portable
 
 # checkpoints/ckpt.pt + data/tokenizer.json -> jai.gguf, for llama.cpp and Ollama (docs/llama-cpp.md)
-gguf: $(VENV)/.installed
+gguf: $(VENV)/.installed-dev
 	$(PY) scripts/export_gguf.py --checkpoint $(or $(CHECKPOINT),checkpoints/ckpt.pt) \
 	  --tokenizer $(or $(TOKENIZER),data/tokenizer.json) --out $(or $(OUT),jai.gguf) --outtype $(or $(OUTTYPE),f32)
 
@@ -71,12 +76,14 @@ browser:
 	  ! command -v apt-get >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }; }
 
-# Never overwrites an existing checkpoints/ckpt.pt (yours, or a demo built earlier).
-demo: $(VENV)/.installed
-	$(PY) scripts/make_demo_model.py
+# Rebuilds the shipped demo model, demo/ckpt.pt and demo/tokenizer.json (about 2 minutes on 2 cores)
+demo: $(VENV)/.installed-dev
+	$(PY) scripts/make_demo_model.py --force
 
+# Your checkpoint when there is one (archive.sh's defaults: checkpoints/ckpt.pt, data/tokenizer.json),
+# else the shipped demo model
 archive: $(VENV)/.installed
-	./archive.sh
+	./archive.sh $(if $(wildcard checkpoints/ckpt.pt),,--checkpoint demo/ckpt.pt --tokenizer demo/tokenizer.json)
 
 # torchserve, then the front door on 127.0.0.1:8000 (nginx; without it torchserve alone, and a message)
 start:
@@ -100,18 +107,18 @@ update: $(VENV)/.installed
 rollback: $(VENV)/.installed
 	$(PY) scripts/update.py rollback
 
-# Two torchserve instances behind HAProxy on 127.0.0.1:8090 (scripts/multi.py; README "Scaling out")
-multi-start: setup demo archive haproxy
+# Two torchserve instances behind HAProxy on 127.0.0.1:8090 (scripts/multi.py; docs/scaling.md)
+multi-start: setup archive haproxy
 	$(PY) scripts/multi.py start
 
 multi-stop:
 	$(PY) scripts/multi.py stop
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-dev
 	$(PY) bench/engine_bench.py
 
 # JAI through TorchServe beside llama-server on the same checkpoint (docs/performance.md)
-peer-bench: $(VENV)/.installed torchserve-patch
+peer-bench: $(VENV)/.installed-dev torchserve-patch
 	$(PY) bench/peer_bench.py
 
 clean:

@@ -34,7 +34,7 @@ store=$(realpath -m "$store") config=$(realpath -m "$config")
 cd "$repo"
 for file in "$checkpoint" "$tokenizer" "$config"; do
     if [[ ! -f "$file" ]]; then
-        echo "archive.sh: $file not found (see --help; 'make demo' builds a demo model)" >&2
+        echo "archive.sh: $file not found (see --help; the shipped demo model is demo/ckpt.pt and demo/tokenizer.json)" >&2
         exit 1
     fi
 done

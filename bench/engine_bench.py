@@ -16,7 +16,7 @@ Sections (all by default), each printed as a markdown table and written to bench
   tokens/s they allow at 1 and 64 requests (weights read once per step, attention reading the cache).
 Speed sections use the seed's full default shape (24000/256/6/6/384) with random weights, 24-token
 prompts and the shipped handler settings (model-config.yaml `handler:`); quality uses the demo model
-(scripts/make_demo_model.py, built once into --demo-dir). About 6 minutes on 2 cores; --quick is a
+(the shipped demo/, or --demo-dir). About 6 minutes on 2 cores; --quick is a
 smoke run of the same code at tiny sizes. The machine should be otherwise idle; compare within a run.
 """
 
@@ -27,7 +27,6 @@ import importlib
 import itertools
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -52,7 +51,6 @@ BASELINE_REV = "16e7870"  # the engine before issue 14 (window path recomputed e
 PROMPT_TOKENS = 24  # about a chat-wrapped question
 SECTIONS = ("throughput", "window", "batchmates", "profile", "floors")
 STRIDES = (1, 8, 32, 64, 128)
-DEMO_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jai-serve" / "demo-seed0"
 SETTINGS = Settings.from_yaml(yaml.safe_load((ROOT / "model-config.yaml").read_text())["handler"])  # as served
 
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
@@ -63,6 +61,7 @@ warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*"
 
 
 def demo_model_dir(directory: Path) -> Path:
+    """The demo model in ``directory`` (default: the shipped demo/), built there first if it is missing."""
     if not (directory / demo.CHECKPOINT).exists():
         print(f"building the demo model into {directory} (about 2 minutes, once)", file=sys.stderr)
         build = demo.build_demo_model(directory, progress=False)
@@ -464,7 +463,8 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE_REV, help="git revision of the baseline engine ('' = none)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR, help="where the demo model is built once and reused")
+    parser.add_argument("--demo-dir", type=Path, default=demo.DEMO_DIR,
+                        help="the demo model (default: the shipped demo/; built there once if missing)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, same code")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
     args = parser.parse_args()

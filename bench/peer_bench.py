@@ -138,6 +138,22 @@ def in_process(engine_model, clients: int, requests_per_client: int, tokens: int
             "tokens_per_s": produced / (time.perf_counter() - began)}
 
 
+def quiet(busy_below: float = 0.1, window_s: float = 0.5, limit_s: float = 20.0) -> float:
+    """Wait until the machine's CPUs are idle for a window (the JVMs compile and collect for seconds after a
+    burst of load, and two lockstep threads, ours or llama.cpp's, lose most of a step to any other busy
+    thread); returns the busy share of the last window."""
+    def busy_and_total() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # not idle, not iowait
+    deadline = time.monotonic() + limit_s
+    while True:
+        (b0, t0), _ = busy_and_total(), time.sleep(window_s)
+        b1, t1 = busy_and_total()
+        share = (b1 - b0) / max(t1 - t0, 1)
+        if share < busy_below or time.monotonic() > deadline:
+            return share
+
+
 # ----- report -----
 
 
@@ -233,17 +249,20 @@ def main() -> None:
                 archive(root, checkpoint, tokenizer, root / "model-config.yaml")
                 server = stack.enter_context(running_torchserve(root, properties=properties))
                 targets.append(TorchServeTarget(server, OURS + (f", {variant}" if variant else "")))
-            for target in targets:
-                run_level(target, 1, 1, 8)  # warm-up
+            for target in targets:  # warm-up: the frontends' JIT compiles the paths the load takes
+                run_level(target, 16, 2, 32)
             for clients in args.clients:
                 runs: dict[str, list[dict]] = {}
                 for _round in range(args.rounds):
                     for target in targets:
-                        row = {"target": target.name, **run_level(target, clients, args.requests_per_client, args.tokens)}
+                        busy = quiet()  # the other CPU use just before: > 0.1 means the wait gave up
+                        row = {"target": target.name, "busy_before": busy,
+                               **run_level(target, clients, args.requests_per_client, args.tokens)}
                         runs.setdefault(target.name, []).append(row)
                         print(f"  {target.name:18s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
                               f"ttft p50 {row['ttft_ms_p50']:6.0f} ms", file=sys.stderr)
-                    alone = {"target": IN_PROCESS, **in_process(model, clients, args.requests_per_client, args.tokens)}
+                    busy = quiet()
+                    alone = {"target": IN_PROCESS, "busy_before": busy, **in_process(model, clients, args.requests_per_client, args.tokens)}
                     runs.setdefault(alone["target"], []).append(alone)
                     print(f"  {IN_PROCESS:18s} {clients:3d} clients {alone['tokens_per_s']:7.1f} tokens/s",
                           file=sys.stderr)

@@ -5,8 +5,8 @@
 
 In one run, on this machine:
 - the seed's no-cache reference (bench/engine_bench.py), one request at a time: the baseline;
-- quality of bfloat16 and int8 against float32 on the demo model (scripts/make_demo_model.py, built once
-  into --demo-dir): greedy agreement over the first 64 tokens of 50 chat questions (half of them about
+- quality of bfloat16 and int8 against float32 on the demo model (the shipped demo/, or
+  --demo-dir): greedy agreement over the first 64 tokens of 50 chat questions (half of them about
   city/role pairs the demo never saw together) and perplexity on held-out documents;
 - a real torchserve per configuration (dtype float32 / bfloat16 / int8 x 1 worker with 2 threads or
   2 workers with 1 thread each; the shipped batcher and batchSize, streamed, random weights at the full
@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -286,9 +285,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="streamed tokens per request")
-    parser.add_argument("--demo-dir", type=Path,
-                        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jai-serve" / "demo-seed0",
-                        help="where the demo model is built once and reused")
+    parser.add_argument("--demo-dir", type=Path, default=demo.DEMO_DIR,
+                        help="the demo model (default: the shipped demo/; built there once if missing)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 4 clients, 16 tokens, 1 request each")
     parser.add_argument("--out", type=Path, default=RESULTS / "report.json")
     args = parser.parse_args()

@@ -6,7 +6,7 @@
    24000-token byte-level tokenizer): ``--steps`` sampled tokens (temperature 0.8, top_k 50) for each of
    N requests, the mask on and off. Reports milliseconds per step both ways and the mask's own share
    of a step (time inside ``Utf8Mask.mask`` and ``advance``, timer overhead included).
-2. Effect, on the demo model (scripts/make_demo_model.py, built once into --demo-dir): ``--answers``
+2. Effect, on the demo model (the shipped demo/, or --demo-dir): ``--answers``
    sampled answers (temperature 1.0, top_k 50, seeds 0..N-1; 3 in 4 chat questions, 1 in 4 short
    generate prompts such as "채용"), the mask off and on: how many contain U+FFFD.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -158,8 +157,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting (the fastest counts)")
     parser.add_argument("--answers", type=int, default=400, help="sampled demo answers (0: skip)")
     parser.add_argument("--max-tokens", type=int, default=128, help="per demo answer")
-    parser.add_argument("--demo-dir", type=Path,
-                        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jai-serve" / "demo-seed0")
+    parser.add_argument("--demo-dir", type=Path, default=demo.DEMO_DIR,
+                        help="the demo model (default: the shipped demo/; built there once if missing)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "utf8.json")

@@ -22,10 +22,10 @@ ahead cannot admit the requests the next call brings; that call admits them and 
 that they wait as little as possible for it, the step ahead only decodes: prompts and re-read windows
 are prefilled by the steps inside calls.
 
-The HTTP contract lives in jaiserve/api.py: TorchServe's ``url_path`` header (what follows
-``/predictions/jai/<version>/``) picks the view (native, or OpenAI's under ``v1/``), which parses a
-body into an exchange of one or more engine requests (OpenAI's ``n`` and prompt lists fan out into the
-same batch) and formats their steps. This module only moves requests and steps between the two.
+The HTTP contract lives in jaiserve/api.py and openai_api.py: TorchServe's ``url_path`` header (what
+follows ``/predictions/jai/<version>/``) picks the view (jaiserve/routes.py: native, or OpenAI's under
+``v1/``), which parses a body into an exchange of one or more engine requests (OpenAI's ``n`` and
+prompt lists fan out into the same batch) and formats their steps. This module only moves requests and steps between the two.
 
 A worker can hold more than one checkpoint (jaiserve/updates.py, docs/updates.md): ``make update`` names a
 new one, a thread of its own loads and warms it, and from then on new requests go to it while running
@@ -52,9 +52,10 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from jaiserve import Engine, Limits, ParameterError, SamplingParams, file_sha256, load_model, load_tokenizer
-from jaiserve.api import JSON, Defaults, Exchange, GenerationRequest, InvalidRequest, ServedModel, reason_phrase, route
+from jaiserve.api import JSON, Defaults, Exchange, GenerationRequest, InvalidRequest, ServedModel, reason_phrase
 from jaiserve.drain import DRAINING, DrainState
 from jaiserve.packed import linear_kernels
+from jaiserve.routes import route
 from jaiserve.settings import Settings
 from jaiserve.updates import CHECKPOINT, TOKENIZER, UpdateState, version_name
 

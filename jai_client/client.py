@@ -147,7 +147,7 @@ class JAIClient:
         (device, dtype, parameters, checkpoint hash, ...). A customized describe is a job for the
         worker (under continuous batching it joins the running batch and is answered between two engine
         steps); health checks should not depend on the worker: use :meth:`health` or plain describe
-        (README, Monitoring)."""
+        (docs/operations.md, Monitoring)."""
         params = {"customized": "true"} if customized else None
         return self._call("GET", self.management_url, f"/models/{MODEL}", "management", params=params).json()[0]
 

@@ -24,6 +24,10 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+from scripts.common import alive  # noqa: E402
+
 SITE = ROOT / "deploy" / "nginx" / "jai.conf"
 INSTALLED_AT = "/opt/jai-serve"  # the repo's path as the shipped site names it (deploy/docker installs there)
 LISTEN = "127.0.0.1:8000"
@@ -80,10 +84,9 @@ def inference_upstream(config: Path) -> str:
 def _pid(prefix: Path) -> int | None:
     try:
         pid = int((prefix / "nginx.pid").read_text())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+    except (FileNotFoundError, ValueError):
         return None
+    return pid if alive(pid) else None
 
 
 def start(prefix: Path, listen: str, config: Path) -> int:

@@ -1,13 +1,17 @@
-"""Build the embedded demo JAI model: a small GPT trained on synthetic Korean job-posting Q&A.
+"""Build the demo JAI model: a small GPT trained on synthetic Korean job-posting Q&A.
 
-A fresh checkout has no trained ``ckpt.pt``; this script makes one in a minute or two on a laptop CPU,
-so ``make serve`` answers "서울에서 React 개발자 채용 있어?" with a real (if made-up) posting instead
-of random tokens. Everything is seeded: the same ``--seed`` gives the same tokenizer and tensors.
+Its result ships in the repo as ``demo/ckpt.pt`` and ``demo/tokenizer.json``: ``make serve`` serves it
+when there is no checkpoint of yours, so a fresh checkout answers "서울에서 React 개발자 채용 있어?"
+with a real (if made-up) posting without training anything. This script rebuilds it (about 2 minutes
+on 2 CPU cores; ``make demo``). Everything is seeded: on one machine the same ``--seed`` gives the same
+tokenizer and tensors. Training is not bit-reproducible across CPUs (their float kernels differ), which
+is why the model is shipped rather than built on each machine.
 
     python scripts/make_demo_model.py [--out-dir DIR] [--steps N] [--seed S] [--force]
 
-writes ``DIR/checkpoints/ckpt.pt`` (the seed's ``{"model": state_dict}`` format, plus ``config``)
-and ``DIR/data/tokenizer.json``. An existing checkpoint is kept unless ``--force``.
+writes ``DIR/ckpt.pt`` (the seed's ``{"model": state_dict}`` format, plus ``config``) and
+``DIR/tokenizer.json``; DIR defaults to the shipped ``demo/``. An existing checkpoint is kept unless
+``--force``.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ sys.path.insert(0, str(REPO_ROOT / "handler"))
 
 from jaiserve.model import GPT, GPTConfig  # noqa: E402
 
-CHECKPOINT = Path("checkpoints/ckpt.pt")
-TOKENIZER = Path("data/tokenizer.json")
+DEMO_DIR = REPO_ROOT / "demo"  # the shipped demo model
+CHECKPOINT = Path("ckpt.pt")  # names inside an --out-dir (and the archive's)
+TOKENIZER = Path("tokenizer.json")
 EOT = "<|endoftext|>"  # between documents; the engine stops on it
 MARKERS = ["[QUESTION]", "[/QUESTION]", "[ANSWER]", "[/ANSWER]"]  # one token each, kept in decoded text
 
@@ -312,9 +317,8 @@ def build_demo_model(out_dir, steps: int = DEFAULT_STEPS, seed: int = 0, progres
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT,
-                        help="writes OUT_DIR/checkpoints/ckpt.pt and OUT_DIR/data/tokenizer.json "
-                        "(default: the repository root)")
+    parser.add_argument("--out-dir", type=Path, default=DEMO_DIR,
+                        help="writes OUT_DIR/ckpt.pt and OUT_DIR/tokenizer.json (default: the shipped demo/)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
     parser.add_argument("--seed", type=int, default=0, help="seeds the corpus, init and data order")
     parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")

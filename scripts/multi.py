@@ -36,20 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+from scripts.common import absolute_javaagent, alive, free_ports  # noqa: E402
+
 SERVE = ROOT / "scripts" / "serve.sh"
 TEMPLATE = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 BACKEND = "jai"  # the backend section of haproxy.cfg
 PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def instance_config(base: str, ports: dict[str, int]) -> str:
@@ -68,21 +62,6 @@ def instance_config(base: str, ports: dict[str, int]) -> str:
         if not any(line.startswith(key + "=") for line in settings):
             raise SystemExit(f"multi.py: config.properties has no {key}= line to set for an instance")
     return config
-
-
-def absolute_javaagent(config: str) -> str:
-    """config.properties names the patch agent's jar (torchserve-patch/) relative to the repo root, where
-    torchserve normally starts; a server started in another folder (an instance here, a test's scratch
-    folder) needs the absolute path."""
-
-    def absolute(match):
-        path, equals, options = match.group(1).partition("=")
-        path = Path(path) if Path(path).is_absolute() else ROOT / path
-        if re.search(r"\s", str(path)):  # the launcher splits vmargs on whitespace
-            raise RuntimeError(f"{path}: vmargs cannot name a path with spaces; move the checkout")
-        return f"-javaagent:{path}{equals}{options}"
-
-    return re.sub(r"^vmargs=.*$", lambda m: re.sub(r"-javaagent:(\S+)", absolute, m.group(0)), config, flags=re.M)
 
 
 class Layout:
@@ -173,18 +152,6 @@ def servers(layout: Layout) -> dict[str, dict[str, str]]:
     header = lines[0].lstrip("# ").split(",")
     rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
     return {r["svname"]: r for r in rows if r["pxname"] == BACKEND and r["svname"] not in ("FRONTEND", "BACKEND")}
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs: a killed process stays a zombie, which signal 0 still reaches, until reaped."""
-    try:
-        os.kill(pid, 0)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except ProcessLookupError:
-        return False
-    except OSError:  # no procfs: signal 0 is all we can ask
-        return True
-    return stat.rpartition(") ")[2][:1] != "Z"  # "pid (command) state ..."
 
 
 def haproxy_pid(layout: Layout) -> int | None:

@@ -44,23 +44,21 @@ inference=$(property inference_address)
 inference=${inference:-http://127.0.0.1:8080}
 store=$(property model_store)
 
+common() { # scripts/common.py: what serve.sh shares with multi.py, the container and the tests
+    "$bin/python" "$repo/scripts/common.py" "$@"
+}
+
 agent_jar_present() { # the JVM does not start without the jar that vmargs' -javaagent: names
     local jar
-    jar=$(property vmargs | grep -o -e '-javaagent:[^ =]*' | head -n 1 || true)
-    jar=${jar#-javaagent:}
-    [[ -z $jar || -f $jar ]] && return 0
+    jar=$(common missing-agent config.properties)
+    [[ -z $jar ]] && return 0
     echo "serve.sh: $jar (vmargs in $PWD/config.properties) is missing: run 'make setup' in $repo" >&2
     echo "  (a config.properties outside the repo must name the jar by its absolute path)" >&2
     return 1
 }
 
 alive() { # alive <pid>: the process runs (a killed one stays a zombie until its parent reaps it)
-    kill -0 "$1" 2>/dev/null || return 1
-    [[ -r /proc/$1/stat ]] || return 0 # no procfs: kill -0 is all we can ask
-    local stat
-    stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
-    stat=${stat##*) } # after "pid (command) ": the state letter first
-    [[ ${stat:0:1} != Z ]]
+    common alive "$1"
 }
 
 running_pid() {

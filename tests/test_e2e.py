@@ -11,6 +11,7 @@ import requests
 
 from jaiserve import Engine, SamplingParams, load_model, load_tokenizer
 from jaiserve.api import CHAT_TEMPLATE
+from readme_example import curl_example
 
 pytestmark = pytest.mark.e2e
 
@@ -25,6 +26,14 @@ def test_generate_answers_the_seed_fields(ts_server):
     assert set(body) == FIELDS and body["prompt"] == "판교 백엔드"
     assert body["full_text"] == body["prompt"] + body["generated"]
     assert body["usage"]["completion_tokens"] <= 12 and body["usage"]["prompt_tokens"] > 0
+
+
+def test_the_readmes_curl_gets_the_readmes_answer_byte_for_byte(ts_server):
+    """README.md's first example, sent as its curl sends it, to the shipped demo model as `make serve` serves it."""
+    body, answer = curl_example()
+    response = ts_server.predict(body, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    assert response.text == answer
 
 
 def test_chat_answers_in_korean_and_stops_at_the_answer_marker(ts_server):

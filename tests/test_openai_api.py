@@ -1,13 +1,14 @@
-"""The HTTP contract's two views (jaiserve.api native, jaiserve.openai_api) without a server: parsing,
-refusals, and responses built from real engine steps on the tiny model."""
+"""The HTTP contract's two views (jaiserve.api native, jaiserve.openai_api; jaiserve.routes picks one)
+without a server: parsing, refusals, and responses built from real engine steps on the tiny model."""
 
 import json
 
 import pytest
 
 from jaiserve import Engine, SamplingParams, StepOutput
-from jaiserve.api import CHAT_TEMPLATE, Defaults, InvalidRequest, NativeRoute, ServedModel, route
+from jaiserve.api import CHAT_TEMPLATE, Defaults, InvalidRequest, NativeRoute, ServedModel
 from jaiserve.openai_api import DONE, OpenAIRoute, chat_prompt
+from jaiserve.routes import route
 
 DEFAULTS = Defaults(max_tokens=7, temperature=0.8, top_k=50, top_p=1.0)
 MODEL = ServedModel(name="jai", created=1700000000, context_tokens=32, count_tokens=len)

@@ -2,7 +2,7 @@
 (torchserve-patch/, config.properties vmargs): each defect the agent fixes, as a client meets it, and a
 torchserve whose classes the agent does not know refusing to start.
 
-Without the agent, these tests fail (README.md, Batching): the describe test's requests hang (the
+Without the agent, these tests fail (docs/batching.md): the describe test's requests hang (the
 describe job is re-queued forever; with fixes 1-3 only, the describe and the request behind it wait for
 every stream to end), the two-worker streams stall until new traffic, and the intermediate handler's next
 requests get replies meant for another handle() call.

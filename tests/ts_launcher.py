@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from scripts import front_door
-# shared with scripts/multi.py, which starts instances outside the repo root too; tests import them from here
-from scripts.multi import absolute_javaagent, alive, free_ports
+# what every way of starting torchserve shares (scripts/common.py); tests import them from here
+from scripts.common import absolute_javaagent, alive, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build torchserve-patch/build/jai-torchserve-patch.jar: the Java agent that fixes TorchServe 0.12.0's
-# continuous batcher when its classes load (what and why: src/jaiserve/tspatch/Agent.java; README.md,
-# Batching). Javassist (Debian's libjavassist-java, which scripts/ensure_java.sh installs) is bundled into
+# continuous batcher when its classes load (what and why: src/jaiserve/tspatch/Agent.java;
+# docs/batching.md). Javassist (Debian's libjavassist-java, which scripts/ensure_java.sh installs) is bundled into
 # the jar with its copyright notice, so the agent needs nothing else at run time.
 set -euo pipefail
 

@@ -15,8 +15,9 @@ Environment (all optional):
                         (default deploy/docker/container.properties)
   JAI_MODEL_ARCHIVE     a jai.mar to serve as it is (e.g. on a mounted volume); otherwise one is packed
                         at start by archive.sh from:
-  JAI_CHECKPOINT        (default checkpoints/ckpt.pt, the image's: yours or the demo model)
-  JAI_TOKENIZER         (default data/tokenizer.json)
+  JAI_CHECKPOINT        (default checkpoints/ckpt.pt when the image has one: yours; else the shipped
+                        demo model, demo/ckpt.pt)
+  JAI_TOKENIZER         (default data/tokenizer.json with your checkpoint, else demo/tokenizer.json)
   JAI_MODEL_CONFIG      (default model-config.yaml; the Kubernetes ConfigMap's model-config.yaml)
   JAI_DRAIN_TIMEOUT     seconds a stop waits for running requests (scripts/serve.sh; default 120)
 USAGE
@@ -32,7 +33,7 @@ mkdir -p "$JAI_DIR/model_store"
 # config.properties: the repo's, then the overrides; relative -javaagent: paths are the repo's
 overrides=${JAI_CONFIG_OVERRIDES:-$home/deploy/docker/container.properties}
 {
-    sed -E "/^vmargs=/ s#-javaagent:([^/ =][^ =]*)#-javaagent:$home/\1#g" "$home/config.properties"
+    "$home/.venv/bin/python" "$home/scripts/common.py" absolute-agent "$home/config.properties"
     printf '\n# ---- %s (later keys win) ----\n' "$overrides"
     cat "$overrides"
 } >"$JAI_DIR/config.properties"
@@ -41,8 +42,11 @@ cp "$home/metrics.yaml" "$JAI_DIR/metrics.yaml"
 if [[ -n ${JAI_MODEL_ARCHIVE:-} ]]; then
     ln -sfn "$JAI_MODEL_ARCHIVE" "$JAI_DIR/model_store/jai.mar"
 else
-    "$home/archive.sh" --checkpoint "${JAI_CHECKPOINT:-$home/checkpoints/ckpt.pt}" \
-        --tokenizer "${JAI_TOKENIZER:-$home/data/tokenizer.json}" \
+    checkpoint=$home/demo/ckpt.pt tokenizer=$home/demo/tokenizer.json # the shipped demo model, unless
+    if [[ -f $home/checkpoints/ckpt.pt ]]; then                       # the image was built with yours
+        checkpoint=$home/checkpoints/ckpt.pt tokenizer=$home/data/tokenizer.json
+    fi
+    "$home/archive.sh" --checkpoint "${JAI_CHECKPOINT:-$checkpoint}" --tokenizer "${JAI_TOKENIZER:-$tokenizer}" \
         --config "${JAI_MODEL_CONFIG:-$home/model-config.yaml}" --model-store "$JAI_DIR/model_store"
 fi
 

@@ -1,14 +1,14 @@
 """The HTTP contract: how a request body becomes engine requests, and how their steps become a response.
 
-Two views of one pipeline, picked by TorchServe's ``url_path`` header (:func:`route`):
+Two views of one pipeline, picked by TorchServe's ``url_path`` header (routes.py):
 - native, ``POST /predictions/jai`` (this module): the seed's ``prompt``, ``max_tokens``,
   ``temperature``, ``top_k``; plus ``top_p``, ``seed``, ``stop``, ``mode`` (generate | chat) and
   ``stream``. Response: the seed's ``prompt``, ``generated``, ``full_text``, plus ``finish_reason`` and
   ``usage``; streamed as NDJSON lines. The seed's own paths, which the front door on :8000
   (deploy/nginx/jai.conf) maps to ``/predictions/jai/<version>/<path>``: ``generate`` (the same),
   ``chat`` (chat mode by default) and ``health`` (the seed's health body, answered by a worker).
-- OpenAI, ``/predictions/jai/<version>/v1/...`` (openai_api.py): models, completions, chat/completions,
-  streamed as server-sent events.
+- OpenAI, ``/predictions/jai/<version>/v1/...`` (openai_api.py, built on this module): models,
+  completions, chat/completions, streamed as server-sent events.
 
 Either way a call is parsed into an :class:`Exchange`: its engine requests (one per choice: OpenAI's ``n``
 and a list of prompts fan out) and the state that turns those requests' step outputs into stream
@@ -175,18 +175,6 @@ class Route:
         raise NotImplementedError
 
 
-def route(url_path: str | None) -> Route:
-    """The view for TorchServe's ``url_path`` header: what follows ``/predictions/<model>/<version>/``.
-
-    Empty: the native API; ``generate``, ``chat``, ``health``: the seed's paths in the native shape;
-    ``v1`` and below: OpenAI's. Anything else: the native shape's 404.
-    """
-    path = (url_path or "").strip("/")
-    if path == "v1" or path.startswith("v1/"):
-        return openai_api.OpenAIRoute(path)
-    return NativeRoute(path)
-
-
 # ----- the native view -----
 
 
@@ -350,6 +338,3 @@ class NativeRoute(Route):
 
 def dumps(body: dict) -> str:
     return json.dumps(body, ensure_ascii=False)
-
-
-from . import openai_api  # noqa: E402  (it builds on the definitions above)

@@ -3,7 +3,7 @@
 Why: ``nn.Linear`` calls MKL's sgemm, which re-reads the weight in its plain layout on every call. On
 the AMD EPYC this project runs on, the 24,000-wide output head (37 MB of float32 weights) ran at
 17.9 ms for 32 rows through MKL and 8.3 ms through oneDNN with the weight reordered once into its
-blocked layout; a whole decode step of 32 requests went from 49.8 to 32.8 ms (README, Engine alone).
+blocked layout; a whole decode step of 32 requests went from 49.8 to 32.8 ms (docs/performance.md, Engine alone).
 A second property comes with it: oneDNN computes each output row the same way whatever the number of
 rows, so a request's logits are bit-for-bit the same alone and in any batch (MKL's are not: it picks
 its blocking by the batch size). tests/test_packed.py checks both the values and the invariance.
