@@ -20,7 +20,7 @@ llama-server is built once from the llama.cpp sources that PyPI distributes (the
 ``llama-cpp-python``, its ``vendor/llama.cpp``) into ``~/.cache/jai-serve/llama.cpp`` with cmake: a native
 build first (``GGML_NATIVE``: this CPU's instructions), checked by serving a q8_0 export of the model; if
 that build fails or the binary dies (a VM may refuse instructions its CPU reports), a portable build
-(``GGML_NATIVE=OFF``, every x86 variant, chosen at run time). It takes minutes: not in CI.
+(``GGML_NATIVE=OFF``: AVX2, FMA, F16C; scripts/llama_server.py). It takes minutes: not in CI.
 Writes bench/results/peer.json. Compare within one run, with the machine otherwise idle.
 """
 
@@ -56,16 +56,29 @@ from ts_launcher import archive, running_torchserve  # noqa: E402
 SLOTS = 64  # llama-server --parallel: as many sequences as our batchSize
 TEMPERATURE, TOP_K = 0.8, 50
 LLAMA, OURS, IN_PROCESS = "llama-server", "JAI (TorchServe)", "JAI in-process"
+LLAMA_NATIVE = "llama-server, native build (float32 only)"
 SHIPPED_VMARGS = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M).group(1)
 # --variants: more torchserve servers beside the shipped one, each with these config.properties lines and
-# model-config.yaml handler keys
+# model-config.yaml handler keys; "a+b" serves both variants' settings together
 VARIANTS = {
-    # a JVM sized for 2 cores: one GC thread, the C1 compiler only (C2's compiles compete with the engine),
-    # one Netty thread each side
-    "lean-jvm": ({"vmargs": SHIPPED_VMARGS + " -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1",
-                  "number_of_netty_threads": "1", "netty_client_threads": "1"}, {}),
-    **{f"one-thread-{rows}": ({}, {"one_thread_rows": rows}) for rows in (0, 2, 4, 8, 16)},
+    # the C1 compiler only, on top of the shipped JVM settings (C2's compiles compete with the engine)
+    "lean-jvm": ({"vmargs": f"{SHIPPED_VMARGS} -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1"}, {}),
+    # TorchServe's own JVM sizing: the parallel GC's threads, Netty's default thread counts (0: 2 x cores)
+    "default-jvm": ({"vmargs": SHIPPED_VMARGS.replace(" -XX:+UseSerialGC", ""), "number_of_netty_threads": "0",
+                     "netty_client_threads": "0"}, {}),
+    **{f"one-thread-{rows}": ({}, {"one_thread_rows": rows}) for rows in (0, 2, 4, 8, 16, 32, 64)},
 }
+
+
+def variant(name: str) -> tuple[dict, dict]:
+    """config.properties lines and handler keys of ``name`` ("a+b": both)."""
+    properties, handler = {}, {}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)}")
+        properties.update(VARIANTS[part][0])
+        handler.update(VARIANTS[part][1])
+    return properties, handler
 
 
 # ----- our server through the same client -----
@@ -169,11 +182,13 @@ def print_table(rows: list[dict]) -> None:
     """Per concurrency, every target's figures, and each one's tokens/s against llama-server's and against our
     engine in-process."""
     by = {(r["target"], r["clients"]): r for r in rows}
-    print("| clients | server | tokens/s | / llama-server | / JAI in-process | TTFT p50 / p99 (ms) "
+    print("| clients | server | tokens/s | / best llama-server | / JAI in-process | TTFT p50 / p99 (ms) "
           "| gap p50 / p99 (ms) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        llama, alone = by[(LLAMA, r["clients"])], by[(IN_PROCESS, r["clients"])]
+        alone = by[(IN_PROCESS, r["clients"])]
+        llama = max((p for p in rows if p["clients"] == r["clients"] and p["target"].startswith(LLAMA)),
+                    key=lambda p: p["tokens_per_s"])
         tokens = f"{r['tokens_per_s']:.0f}"
         if len(r.get("tokens_per_s_runs", ())) > 1:
             tokens += f" ({min(r['tokens_per_s_runs']):.0f}-{max(r['tokens_per_s_runs']):.0f})"
@@ -219,8 +234,9 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--llama-version", default=llama_server.VERSION)
     parser.add_argument("--portable", action="store_true", help="skip the native build")
-    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
-                        help="also serve with these config.properties variants, beside the shipped one")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help=f"also serve these variants beside the shipped configuration ({', '.join(VARIANTS)}; "
+                             "a+b for both)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "peer.png")
     args = parser.parse_args()
@@ -239,16 +255,22 @@ def main() -> None:
         with contextlib.ExitStack() as stack:  # every server up at once; one is loaded at a time
             targets = [stack.enter_context(llama_server.running(
                 binary, gguf, scratch / "llama.log", SLOTS, model.config.block_size))]
-            for variant in [None, *args.variants]:
-                root = scratch / f"ts-{variant or 'shipped'}"
+            native = llama_server.build(args.llama_version, portable=False) if binary.parent.parent.name.endswith(
+                "portable") else None
+            if native is not None and native.exists() and llama_server.runs(native, gguf, scratch):
+                # the native build refused the q8_0 check but serves float32: the faster peer is the bar
+                targets.append(stack.enter_context(llama_server.running(
+                    native, gguf, scratch / "llama-native.log", SLOTS, model.config.block_size, name=LLAMA_NATIVE)))
+            for n, variant_name in enumerate([None, *args.variants]):
+                root = scratch / f"ts-{n}"
                 root.mkdir()
-                properties, handler = VARIANTS.get(variant, ({}, {}))
+                properties, handler = variant(variant_name) if variant_name else ({}, {})
                 config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
                 config["handler"].update(handler)
                 (root / "model-config.yaml").write_text(yaml.safe_dump(config))
                 archive(root, checkpoint, tokenizer, root / "model-config.yaml")
                 server = stack.enter_context(running_torchserve(root, properties=properties))
-                targets.append(TorchServeTarget(server, OURS + (f", {variant}" if variant else "")))
+                targets.append(TorchServeTarget(server, OURS + (f", {variant_name}" if variant_name else "")))
             for target in targets:  # warm-up: the frontends' JIT compiles the paths the load takes
                 run_level(target, 16, 2, 32)
             for clients in args.clients:

@@ -82,9 +82,9 @@ def build(version: str = VERSION, portable: bool = False) -> Path:
 class LlamaServer:
     """A running llama-server, as bench/peer_bench.py's load generator and the GGUF tests see it."""
 
-    name = "llama-server"
     process: subprocess.Popen
     base: str
+    name: str = "llama-server"
 
     @property
     def completions_url(self) -> str:
@@ -101,7 +101,8 @@ class LlamaServer:
 
 
 @contextlib.contextmanager
-def running(binary: Path, gguf: Path, log: Path, slots: int = 64, block_size: int = 256, threads: int = 2):
+def running(binary: Path, gguf: Path, log: Path, slots: int = 64, block_size: int = 256, threads: int = 2,
+            name: str = "llama-server"):
     """Serve ``gguf`` on a free port: ``slots`` sequences of ``block_size`` positions; always stopped."""
     port = free_ports(1)[0]
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
@@ -109,7 +110,7 @@ def running(binary: Path, gguf: Path, log: Path, slots: int = 64, block_size: in
                "--threads-batch", str(threads), "--cont-batching", "--no-webui"]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = LlamaServer(process, f"http://127.0.0.1:{port}")
+    server = LlamaServer(process, f"http://127.0.0.1:{port}", name)
     try:
         deadline = time.monotonic() + 120
         while True:
