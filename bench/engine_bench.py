@@ -82,8 +82,9 @@ def make_engine(model, max_batch: int, package=None, **settings) -> Engine:
     """This engine (or ``package``'s) with the shipped handler settings unless overridden."""
     if package is not None:  # the baseline knows no window_stride
         return package.Engine(model, max_batch=max_batch, max_prefill_tokens=SETTINGS.max_prefill_tokens)
-    options = dict(max_prefill_tokens=SETTINGS.max_prefill_tokens, window_stride=SETTINGS.window_stride,
-                   threads=torch.get_num_threads(), one_thread_rows=SETTINGS.one_thread_rows)
+    # no threads= here: the engine alone keeps torch's thread count at every step (handler.one_thread_rows is
+    # a serving choice, for the cores the engine shares with the frontend: docs/performance.md)
+    options = dict(max_prefill_tokens=SETTINGS.max_prefill_tokens, window_stride=SETTINGS.window_stride)
     return Engine(model, max_batch=max_batch, **{**options, **settings})
 
 

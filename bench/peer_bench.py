@@ -138,7 +138,8 @@ def run_level(target, clients: int, requests_per_client: int, tokens: int) -> di
 
 
 def in_process(engine_model, clients: int, requests_per_client: int, tokens: int) -> dict:
-    """The same requests through ``Engine.generate`` in this process: ``clients`` at a time, in waves."""
+    """The same requests through ``Engine.generate`` in this process: ``clients`` at a time, in waves, on
+    torch's threads at every step (what the engine makes with both cores to itself)."""
     engine = make_engine(engine_model, SLOTS)
     engine.generate([[1] * 4], [SamplingParams(max_tokens=4)])  # warm-up
     produced, began = 0, time.perf_counter()
