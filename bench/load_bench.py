@@ -206,28 +206,36 @@ def configurations(modes: list[str], budgets: list[float], aheads: list[bool]) -
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    series = {label: [r for r in rows if _label(r) == label and not r.get("mixed")]
+              for label in dict.fromkeys(_label(r) for r in rows if not r.get("mixed"))}
+    plot_levels(series, path, "TorchServe batchers, full default shape, float32, 2 cores (bench/load_bench.py)")
+
+
+def plot_levels(series: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Tokens/s (with every round's range when there are several) and TTFT p50 against concurrency, a line
+    per label; rows without a TTFT (an in-process run) only on the left (also bench/peer_bench.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for label in dict.fromkeys(_label(r) for r in rows if not r.get("mixed")):
-        mine = [r for r in rows if _label(r) == label and not r.get("mixed")]
+    for label, mine in series.items():
         clients = [r["clients"] for r in mine]
         [line] = left.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=label)
         if all(len(r.get("tokens_per_s_runs", ())) > 1 for r in mine):  # --rounds: every round's spread
             left.fill_between(clients, [min(r["tokens_per_s_runs"]) for r in mine],
                               [max(r["tokens_per_s_runs"]) for r in mine], color=line.get_color(), alpha=0.2)
-        right.plot(clients, [r["ttft_ms_p50"] for r in mine], marker="o", label=label)
-    for axis, title in ((left, "tokens/s (higher is better)"), (right, "TTFT p50, ms (lower is better)")):
+        if "ttft_ms_p50" in mine[0]:
+            right.plot(clients, [r["ttft_ms_p50"] for r in mine], marker="o", label=label)
+    for axis, name in ((left, "tokens/s (higher is better)"), (right, "TTFT p50, ms (lower is better)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrent streaming clients")
-        axis.set_title(title)
+        axis.set_title(name)
         axis.grid(alpha=0.3)
         axis.legend()
     right.set_yscale("log")
-    fig.suptitle("TorchServe batchers, full default shape, float32, 2 cores (bench/load_bench.py)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

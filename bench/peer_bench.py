@@ -48,7 +48,7 @@ sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests"), str(ROOT / "bench"),
 
 from engine_bench import PROMPT_TOKENS, make_engine  # noqa: E402
 from jaiserve import SamplingParams, load_model, load_tokenizer  # noqa: E402
-from load_bench import _read_events, make_bench_model, median_row, summarize  # noqa: E402
+from load_bench import _read_events, make_bench_model, median_row, plot_levels, summarize  # noqa: E402
 from scripts import llama_server  # noqa: E402
 from scripts.export_gguf import export  # noqa: E402
 from ts_launcher import archive, running_torchserve  # noqa: E402
@@ -199,34 +199,6 @@ def print_table(rows: list[dict]) -> None:
               f"| {r['tokens_per_s'] / alone['tokens_per_s']:.2f} {timing}|")
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for target in dict.fromkeys(r["target"] for r in rows):
-        mine = [r for r in rows if r["target"] == target]
-        clients = [r["clients"] for r in mine]
-        [line] = left.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=target)
-        if all(len(r.get("tokens_per_s_runs", ())) > 1 for r in mine):
-            left.fill_between(clients, [min(r["tokens_per_s_runs"]) for r in mine],
-                              [max(r["tokens_per_s_runs"]) for r in mine], color=line.get_color(), alpha=0.2)
-        if "ttft_ms_p50" in mine[0]:
-            right.plot(clients, [r["ttft_ms_p50"] for r in mine], marker="o", label=target)
-    for axis, name in ((left, "tokens/s (higher is better)"), (right, "TTFT p50, ms (lower is better)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("concurrent streaming clients")
-        axis.set_title(name)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    right.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -299,7 +271,8 @@ def main() -> None:
                                     "llama_server": str(binary), "tokens": args.tokens, "rounds": args.rounds,
                                     "requests_per_client": args.requests_per_client, "rows": rows}, indent=2))
     if args.plot:
-        plot(rows, args.plot, title)
+        plot_levels({t: [r for r in rows if r["target"] == t] for t in dict.fromkeys(r["target"] for r in rows)},
+                    args.plot, title)
 
 
 if __name__ == "__main__":
