@@ -164,17 +164,18 @@ def test_hang_ups_at_every_moment_are_aborted_and_the_others_answers_do_not_chan
         hang_up(sock)
         total += 1
         moments["not streamed"] = expect_aborted(server, total, "a non-streamed request")
-        # every slot taken (2 others + 2 fillers on 2 workers x 2): the next request waits in the queue
-        fillers = [raw_request(server, {**LONG, "max_tokens": 1000}) for _ in range(2)]
-        wait_for(lambda: sum(active_per_worker(server).values()) == 2 * SLOTS, timeout=10, what="all slots taken")
-        hang_up(raw_request(server, {**LONG, "max_tokens": 1000}))
-        time.sleep(0.5)
-        assert aborted(server) == total  # still queued: no worker has seen it
-        for sock in fillers:  # their slots free up and the queued one is admitted, then dropped
-            hang_up(sock)
-        total += 3
-        moments["while queued (and the 2 fillers)"] = expect_aborted(server, total, "a queued request")
         answers = [f.result() for f in running]
+    # every slot taken by a fresh filler (2 workers x 2; fresh, so that none ends and frees its slot during
+    # the check, as the two long streams above may by now): the next request waits in the queue
+    fillers = [raw_request(server, {**LONG, "max_tokens": 1000}) for _ in range(2 * SLOTS)]
+    wait_for(lambda: sum(active_per_worker(server).values()) == 2 * SLOTS, timeout=10, what="all slots taken")
+    hang_up(raw_request(server, {**LONG, "max_tokens": 1000}))
+    time.sleep(0.5)
+    assert aborted(server) == total  # still queued: no worker has seen it
+    for sock in fillers:  # their slots free up and the queued one is admitted, then dropped
+        hang_up(sock)
+    total += 2 * SLOTS + 1
+    moments["while queued (and the fillers)"] = expect_aborted(server, total, "a queued request")
     for got, want in zip(answers, solo):
         assert got[-1]["usage"]["completion_tokens"] == 1000
         assert [t for line in got for t in line["token_ids"]] == [t for line in want for t in line["token_ids"]]

@@ -89,9 +89,10 @@ def test_describe_under_load_and_idle_then_inference_goes_on(continuous_server):
     assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] >= 1
     # answered by the handler inside the running batch, not after it drained
     assert under_load["running_requests"] >= 1
-    # every stream (seeded: 60-120 lines each) was still running when the short request was answered;
-    # with fixes 1-3 only, both waited for the last stream to end
-    assert all(times[-1] > short_answered for times, _ in results)
+    # the short request did not wait for the batch to drain: streams (seeded: 60-120 lines each) were still
+    # running when it was answered; with fixes 1-3 only, both waited for the last stream to end. (Not every
+    # stream: with the demo model on one thread a 60-line stream can end within the describe's round trip.)
+    assert any(times[-1] > short_answered for times, _ in results)
     idle = describe(server)
     for described in (under_load, idle):
         assert described["dtype"] == "float32" and described["continuous_batching"] is True
