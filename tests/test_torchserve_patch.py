@@ -242,7 +242,7 @@ def test_unexpected_torchserve_classes_stop_the_jvm_with_one_line(case, agent_ja
     assert result.returncode == 1 and result.stdout == ""  # main never ran: no class was loaded blind
     assert result.stderr.splitlines() == [
         f"{NAME}: refusing to start TorchServe: {expected} (this agent patches TorchServe 0.12.0's continuous "
-        "batcher; see README.md, Batching)"
+        "batcher; see docs/batching.md)"
     ]
 
 

@@ -2,7 +2,7 @@
  * jai-torchserve-patch: a Java agent that fixes TorchServe 0.12.0's continuous batcher at class load.
  *
  * Why: TorchServe is archived (master and the last nightly carry the same code), and its continuous
- * batcher, which JAI's handler speaks, has four defects that no setting avoids (README.md, Batching):
+ * batcher, which JAI's handler speaks, has four defects that no setting avoids (docs/batching.md):
  *   1. Model.pollInferJob(Map, int, LinkedBlockingDeque): a `GET /models/jai?customized=true` describe
  *      job taken as the first job of a batch is put into the batch AND back at the head of the queue, so
  *      it is answered forever and no inference request is admitted again. Fix: drop that first
@@ -101,7 +101,7 @@ public final class Agent {
     static void refuse(Throwable why) {
         String what = why instanceof Refusal ? why.getMessage() : why.toString();
         System.err.println(NAME + ": refusing to start TorchServe: " + what
-                + " (this agent patches TorchServe 0.12.0's continuous batcher; see README.md, Batching)");
+                + " (this agent patches TorchServe 0.12.0's continuous batcher; see docs/batching.md)");
         System.err.flush();
         System.exit(1);
     }
