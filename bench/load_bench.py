@@ -146,11 +146,20 @@ def _read_events(response, arrivals: list) -> int:
 def run_level(server, clients: int, requests_per_client: int, tokens, stream: bool, spread: float = 0.0,
               route: str = "native") -> dict:
     """One closed-loop run; ``spread`` > 0 starts each client after a random delay of up to that many s."""
+    delays = [random.Random(c).uniform(0, spread) for c in range(clients)]
+    results, wall, client_cpu = run_clients(
+        lambda c, results, gate: client_loop(server, requests_per_client, tokens, stream, c, results, gate,
+                                             delays[c], route), clients)
+    return summarize(results, clients, wall, client_cpu, stream)
+
+
+def run_clients(client, clients: int) -> tuple[list[dict], float, float]:
+    """Run ``client(c, results, gate)`` on a thread per client, all released together at ``gate``; returns
+    the results they appended, the wall seconds from the release and this process's cores meanwhile (the
+    load generator's share of a machine it shares with the servers). Also bench/peer_bench.py."""
     results: list[dict] = []
     gate = threading.Barrier(clients + 1)
-    delays = [random.Random(c).uniform(0, spread) for c in range(clients)]
-    threads = [threading.Thread(target=client_loop, args=(server, requests_per_client, tokens, stream, c,
-                                                          results, gate, delays[c], route)) for c in range(clients)]
+    threads = [threading.Thread(target=client, args=(c, results, gate)) for c in range(clients)]
     for t in threads:
         t.start()
     gate.wait()
@@ -158,8 +167,7 @@ def run_level(server, clients: int, requests_per_client: int, tokens, stream: bo
     for t in threads:
         t.join()
     wall = time.perf_counter() - began
-    client_cpu = (time.process_time() - cpu) / wall  # this process's cores: the server's 2 cores are shared
-    return summarize(results, clients, wall, client_cpu, stream)
+    return results, wall, (time.process_time() - cpu) / wall
 
 
 def summarize(results: list[dict], clients: int, wall: float, client_cpu: float, stream: bool = True) -> dict:

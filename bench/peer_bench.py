@@ -47,8 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests"), str(ROOT / "bench"), str(ROOT)]
 
 from engine_bench import PROMPT_TOKENS, make_engine  # noqa: E402
-from jaiserve import SamplingParams, load_model, load_tokenizer  # noqa: E402
-from load_bench import _read_events, make_bench_model, median_row, plot_levels, summarize  # noqa: E402
+from jaiserve import SamplingParams, load_model  # noqa: E402
+from load_bench import (  # noqa: E402
+    _read_events, make_bench_model, median_row, plot_levels, run_clients, summarize)
 from scripts import llama_server  # noqa: E402
 from scripts.export_gguf import export  # noqa: E402
 from ts_launcher import archive, running_torchserve  # noqa: E402
@@ -121,20 +122,11 @@ def client(target, n_requests: int, tokens: int, seed: int, out: list, gate: thr
 
 
 def run_level(target, clients: int, requests_per_client: int, tokens: int) -> dict:
-    results: list[dict] = []
-    gate = threading.Barrier(clients + 1)
-    threads = [threading.Thread(target=client, args=(target, requests_per_client, tokens, c, results, gate))
-               for c in range(clients)]
-    for t in threads:
-        t.start()
-    gate.wait()
-    began, cpu = time.perf_counter(), time.process_time()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
+    results, wall, client_cpu = run_clients(
+        lambda c, results, gate: client(target, requests_per_client, tokens, c, results, gate), clients)
     if len(results) != clients * requests_per_client:
         raise RuntimeError(f"{target.name}: {clients * requests_per_client - len(results)} requests failed")
-    return summarize(results, clients, wall, (time.process_time() - cpu) / wall)
+    return summarize(results, clients, wall, client_cpu)
 
 
 def in_process(engine_model, clients: int, requests_per_client: int, tokens: int) -> dict:
@@ -221,16 +213,15 @@ def main() -> None:
         gguf = export(checkpoint, tokenizer, scratch / "jai-f32.gguf", "f32")
         q8 = export(checkpoint, tokenizer, scratch / "jai-q8_0.gguf", "q8_0")  # the build's check runs it too
         binary = llama_server.working_binary([gguf, q8], scratch, args.llama_version, args.portable)
-        settings = yaml.safe_load((ROOT / "model-config.yaml").read_text())["handler"]
+        shipped = yaml.safe_load((ROOT / "model-config.yaml").read_text())
+        settings = shipped["handler"]
         model = load_model(checkpoint, dtype=settings["dtype"], cpu_linear=settings["cpu_linear"])
-        load_tokenizer(tokenizer, model.config.vocab_size)
         torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
         with contextlib.ExitStack() as stack:  # every server up at once; one is loaded at a time
             targets = [stack.enter_context(llama_server.running(
                 binary, gguf, scratch / "llama.log", SLOTS, model.config.block_size))]
-            native = llama_server.build(args.llama_version, portable=False) if binary.parent.parent.name.endswith(
-                "portable") else None
-            if native is not None and native.exists() and llama_server.runs(native, gguf, scratch):
+            native = llama_server.binary_path(args.llama_version, portable=False)
+            if native != binary and native.exists() and llama_server.runs(native, gguf, scratch):
                 # the native build refused the q8_0 check but serves float32: the faster peer is the bar
                 targets.append(stack.enter_context(llama_server.running(
                     native, gguf, scratch / "llama-native.log", SLOTS, model.config.block_size, name=LLAMA_NATIVE)))
@@ -238,8 +229,7 @@ def main() -> None:
                 root = scratch / f"ts-{n}"
                 root.mkdir()
                 properties, handler = variant(variant_name) if variant_name else ({}, {})
-                config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
-                config["handler"].update(handler)
+                config = {**shipped, "handler": {**settings, **handler}}
                 (root / "model-config.yaml").write_text(yaml.safe_dump(config))
                 archive(root, checkpoint, tokenizer, root / "model-config.yaml")
                 server = stack.enter_context(running_torchserve(root, properties=properties))

@@ -61,11 +61,16 @@ def sources(version: str = VERSION) -> Path:
     return source
 
 
+def binary_path(version: str = VERSION, portable: bool = False) -> Path:
+    """Where ``build`` puts (or has put) llama-server: one cached folder per release and variant."""
+    return CACHE / f"build-{version}-{'portable' if portable else 'native'}" / "bin" / "llama-server"
+
+
 def build(version: str = VERSION, portable: bool = False) -> Path:
-    """``llama-server`` built from ``sources``, native or portable, each cached in its own folder."""
+    """``llama-server`` built from ``sources``, native or portable (``binary_path``), once."""
     kind = "portable" if portable else "native"
-    folder = CACHE / f"build-{version}-{kind}"
-    binary = folder / "bin" / "llama-server"
+    binary = binary_path(version, portable)
+    folder = binary.parent.parent
     if binary.exists():
         return binary
     source = sources(version)

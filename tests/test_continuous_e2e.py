@@ -40,19 +40,6 @@ def endless(tmp_path_factory):
         yield server
 
 
-def stream_lines(server, body, until=None, timeout=120):
-    """POST a streamed request; return its JSON lines (all of them, or the first ``until``)."""
-    lines = []
-    with server.predict(body, stream=True, timeout=timeout) as response:
-        assert response.status_code == 200, response.text
-        for raw in response.iter_lines():
-            if raw:
-                lines.append(json.loads(raw))
-            if until is not None and len(lines) >= until:
-                break  # leaving the with-block closes the connection: the client hangs up
-    return lines
-
-
 def test_the_shipped_configuration_batches_continuously(ts_server):
     assert ts_server.describe(customized=True)["customizedMetadata"]["continuous_batching"] is True
 
@@ -90,8 +77,8 @@ def test_a_client_that_hangs_up_frees_its_slot_and_the_others_finish(endless):
     before = jai_counts(ts_server)
     aborted_before = _aborted(ts_server)
     with ThreadPoolExecutor(2) as pool:
-        others = [pool.submit(stream_lines, ts_server, {**LONG, "max_tokens": 200, "seed": s}) for s in seeds]
-        partial = stream_lines(ts_server, {**LONG, "max_tokens": 240, "seed": 13}, until=2)
+        others = [pool.submit(ts_server.stream_lines, {**LONG, "max_tokens": 200, "seed": s}) for s in seeds]
+        partial = ts_server.stream_lines({**LONG, "max_tokens": 240, "seed": 13}, until=2)
         assert len(partial) == 2
         wait_for(lambda: _aborted(ts_server) == aborted_before + 1, what="the aborted counter")
         results = [f.result() for f in others]
@@ -134,7 +121,7 @@ def test_generated_tokens_are_counted_while_a_request_runs(endless):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        lines = stream_lines(ts_server, {**LONG, "max_tokens": 240, "seed": seed})
+        lines = ts_server.stream_lines({**LONG, "max_tokens": 240, "seed": seed})
     finally:
         done.set()
         watcher.join()

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conftest import KOREAN_TEXT, seed_checkpoint
 from test_operations import wait_for
-from ts_launcher import ROOT, archive, running_torchserve
+from ts_launcher import ROOT, alive, archive, running_torchserve
 
 pytestmark = pytest.mark.e2e
 
@@ -65,29 +65,7 @@ def aborted(server) -> float:
 def active_per_worker(server) -> dict:
     """Each live worker's count of admitted, unfinished requests (jaiserve/drain.py writes it when it changes)."""
     [folder] = Path(server.root).glob("jai-drain.*")
-    return {f.name: int(f.read_text()) for f in folder.glob("active.*") if _alive(int(f.name.split(".")[1]))}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def stream(server, body, until=None, path="/predictions/jai", timeout=120):
-    """POST and read lines (all, or the first ``until``, then hang up); return them parsed."""
-    lines = []
-    url = server.inference + path
-    with requests.post(url, json=body, headers=server.headers(), stream=True, timeout=timeout) as response:
-        assert response.status_code == 200, response.text
-        for raw in response.iter_lines():
-            if raw:
-                lines.append(json.loads(raw))
-            if until is not None and len(lines) >= until:
-                break  # leaving the with-block closes the connection: the client hangs up
-    return lines
+    return {f.name: int(f.read_text()) for f in folder.glob("active.*") if alive(int(f.name.split(".")[1]))}
 
 
 def raw_request(server, body) -> socket.socket:
@@ -121,7 +99,7 @@ def test_six_clients_that_hang_up_one_after_another_are_all_counted_aborted(two_
     server = two_workers
     before = aborted(server)
     for i in range(6):
-        assert len(stream(server, {**LONG, "max_tokens": 1000, "seed": i}, until=2)) == 2
+        assert len(server.stream_lines({**LONG, "max_tokens": 1000, "seed": i}, until=2)) == 2
         expect_aborted(server, before + i + 1, f"stream {i}")
     wait_for(lambda: set(active_per_worker(server).values()) == {0}, timeout=5, what="both workers idle")
 
@@ -129,7 +107,7 @@ def test_six_clients_that_hang_up_one_after_another_are_all_counted_aborted(two_
 def test_hang_ups_at_every_moment_are_aborted_and_the_others_answers_do_not_change(two_workers):
     server = two_workers
     others = [{**LONG, "max_tokens": 1000, "seed": 100 + i} for i in range(2)]
-    solo = [stream(server, body) for body in others]  # each alone on the server
+    solo = [server.stream_lines(body) for body in others]  # each alone on the server
     assert all(lines[-1]["usage"]["completion_tokens"] == 1000 for lines in solo)
     total = aborted(server)
     first_lines = threading.Semaphore(0)
@@ -154,7 +132,7 @@ def test_hang_ups_at_every_moment_are_aborted_and_the_others_answers_do_not_chan
         total += 1
         moments["before its first line"] = expect_aborted(server, total, "a request closed at once")
         for name, lines in (("after its first line", 1), ("mid-stream", 10), ("past the window", BLOCK + 8)):
-            assert len(stream(server, {**LONG, "max_tokens": 1000}, until=lines)) == lines
+            assert len(server.stream_lines({**LONG, "max_tokens": 1000}, until=lines)) == lines
             total += 1
             moments[name] = expect_aborted(server, total, name)
         # not streamed: under continuous batching every call answers it too (an empty chunk), so the
@@ -183,7 +161,7 @@ def test_hang_ups_at_every_moment_are_aborted_and_the_others_answers_do_not_chan
     print("seconds from hang-up to counted aborted:", {k: round(v, 2) for k, v in moments.items()})
     # the slots are reused: 4 requests at once, on 4 slots, all answered in full
     with ThreadPoolExecutor(2 * SLOTS) as pool:
-        results = list(pool.map(lambda s: stream(server, {**LONG, "max_tokens": 50, "seed": s}), range(2 * SLOTS)))
+        results = list(pool.map(lambda s: server.stream_lines({**LONG, "max_tokens": 50, "seed": s}), range(2 * SLOTS)))
     assert [lines[-1]["usage"]["completion_tokens"] for lines in results] == [50] * 2 * SLOTS
 
 
@@ -238,7 +216,7 @@ def test_a_killed_worker_ends_its_streams_in_their_format_and_its_queue_is_serve
         streams = [pool.submit(native, 1), pool.submit(native, 2), pool.submit(sse, 3), pool.submit(sdk, 4)]
         for _ in streams:
             assert first_lines.acquire(timeout=60)
-        queued = [pool.submit(stream, server, {**LONG, "max_tokens": 40, "seed": s}) for s in (5, 6)]
+        queued = [pool.submit(server.stream_lines, {**LONG, "max_tokens": 40, "seed": s}) for s in (5, 6)]
         wait_for(lambda: sum(active_per_worker(server).values()) == 2 * SLOTS, timeout=10, what="all slots taken")
         victim = server.describe()["workers"][0]["pid"]
         os.kill(int(victim), signal.SIGKILL)
@@ -261,7 +239,7 @@ def test_a_killed_worker_ends_its_streams_in_their_format_and_its_queue_is_serve
     for lines in served:  # answered in full (by the other worker or the replacement)
         assert lines[-1]["finish_reason"] == "length" and lines[-1]["usage"]["completion_tokens"] == 40
     wait_for(lambda: len(server.ready_workers()) == 2, timeout=60, what="the replacement worker")
-    assert stream(server, {**LONG, "max_tokens": 5})[-1]["usage"]["completion_tokens"] == 5
+    assert server.stream_lines({**LONG, "max_tokens": 5})[-1]["usage"]["completion_tokens"] == 5
 
 
 def test_a_request_sent_to_a_worker_that_dies_before_answering_is_answered_by_its_replacement(two_workers):

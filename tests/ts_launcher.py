@@ -47,6 +47,18 @@ class Server:
     def predict(self, body, **kwargs):
         return requests.post(f"{self.inference}/predictions/jai", json=body, headers=self.headers(), **kwargs)
 
+    def stream_lines(self, body, until=None, timeout=120) -> list[dict]:
+        """POST a streamed request; return its JSON lines (all of them, or the first ``until``, then hang up)."""
+        lines = []
+        with self.predict(body, stream=True, timeout=timeout) as response:
+            assert response.status_code == 200, response.text
+            for raw in response.iter_lines():
+                if raw:
+                    lines.append(json.loads(raw))
+                if until is not None and len(lines) >= until:
+                    break  # leaving the with-block closes the connection: the client hangs up
+        return lines
+
     def describe(self, customized=False):
         url = f"{self.management}/models/jai" + ("?customized=true" if customized else "")
         response = requests.get(url, headers=self.headers("management"), timeout=10)
