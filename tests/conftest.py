@@ -32,6 +32,17 @@ def seed_checkpoint(path, seed=0, **shape):
     return reference
 
 
+def save_endless_tokenizer(path) -> None:
+    """A byte-level BPE over KOREAN_TEXT with no end-of-text token, saved to ``path``: a model served with
+    it runs every request to max_tokens (e2e tests that need requests that are long for sure)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(KOREAN_TEXT * 3, trainer)
+    tokenizer.save(str(path))
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "ckpt.pt"

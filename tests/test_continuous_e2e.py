@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from conftest import KOREAN_TEXT, seed_checkpoint
+from conftest import save_endless_tokenizer, seed_checkpoint
 from test_operations import jai_counts, wait_for
 from ts_launcher import archive, running_torchserve
 
@@ -29,12 +28,7 @@ def endless(tmp_path_factory):
     end-of-text token: every request runs to max_tokens, so "long" requests are long for sure."""
     root = tmp_path_factory.mktemp("endless")
     seed_checkpoint(root / "ckpt.pt", vocab_size=512, block_size=256, n_layer=2, n_head=6, n_embd=48)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(KOREAN_TEXT * 3, trainer)
-    tokenizer.save(str(root / "tokenizer.json"))
+    save_endless_tokenizer(root / "tokenizer.json")
     archive(root, root / "ckpt.pt", root / "tokenizer.json")  # the shipped model-config.yaml (n_head 6)
     with running_torchserve(root) as server:
         yield server

@@ -21,9 +21,8 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from conftest import KOREAN_TEXT, seed_checkpoint
+from conftest import save_endless_tokenizer, seed_checkpoint
 from test_operations import wait_for
 from ts_launcher import ROOT, alive, archive, running_torchserve
 
@@ -38,12 +37,7 @@ LONG = {"prompt": "서울", "temperature": 1.0, "top_k": None, "stream": True}
 def two_workers(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_workers")
     seed_checkpoint(root / "ckpt.pt", vocab_size=512, block_size=BLOCK, n_layer=2, n_head=6, n_embd=48)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(KOREAN_TEXT * 3, trainer)
-    tokenizer.save(str(root / "tokenizer.json"))
+    save_endless_tokenizer(root / "tokenizer.json")
     config = (ROOT / "model-config.yaml").read_text()
     for old, new in (("minWorkers: 1", "minWorkers: 2"), ("maxWorkers: 1", "maxWorkers: 2"),
                      ("batchSize: 64", f"batchSize: {SLOTS}"), ("threads: 2 ", "threads: 1 ")):
