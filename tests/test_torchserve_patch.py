@@ -1,6 +1,6 @@
 """The TorchServe patch agent (torchserve-patch/) without a server: it accepts TorchServe 0.12.0's own
 classes and applies its fixes (seven to the continuous batcher, three to token authorization); the third fix's
-behaviour on TorchServe's real ContinuousBatching and
+and seventh's behaviour on TorchServe's real ContinuousBatching and
 the fifth's on its real ModelRequestEncoder, each next to the unpatched behaviour; a JVM whose classes
 are not the expected ones refuses to start with one clear line; serve.sh checks the jar first.
 tests/test_torchserve_patch_e2e.py shows the fixes through a real torchserve."""
@@ -96,7 +96,9 @@ def probe(tmp_path_factory):
 
 
 def run_probe(probe, tmp_path, *agent, name="SendResponseProbe"):
-    result = java(QUIET_LOG4J, *agent, "-cp", f"{probe}:{FRONTEND}/*", name, cwd=tmp_path)
+    # model_server_home: where TorchServe's ConfigManager finds ts/version.txt (WorkerDeathProbe builds a Model)
+    home = f"-Dmodel_server_home={Path(ts.__file__).parent.parent}"
+    result = java(QUIET_LOG4J, home, *agent, "-cp", f"{probe}:{FRONTEND}/*", name, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
@@ -138,6 +140,27 @@ def test_unpatched_torchserve_re_sends_every_header_of_a_running_request(probe, 
         "running: headers [url_path=v1/completions content-type=application/json] parameters []", "bytes left 0"]
 
 
+# ----- fix 7 on TorchServe's real ContinuousBatching.sendError -----
+
+
+def test_a_request_not_yet_answered_goes_back_to_the_queue_once_per_worker(agent_jar, probe, tmp_path):
+    # workers killed together: the request can reach a second dead worker before its death is noticed
+    assert run_probe(probe, tmp_path, f"-javaagent:{agent_jar}", name="WorkerDeathProbe") == [
+        "2 workers, death 1: queue 1, batch 0, client got []",
+        "2 workers, death 2: queue 1, batch 0, client got []",
+        "2 workers, death 3: queue 0, batch 0, client got [error 500]",  # it reached every worker: it fails
+        "1 workers, death 1: queue 1, batch 0, client got []",
+        "1 workers, death 2: queue 0, batch 0, client got [error 500]",
+    ]
+
+
+def test_unpatched_torchserve_fails_a_request_at_its_workers_first_death(probe, tmp_path):
+    assert run_probe(probe, tmp_path, name="WorkerDeathProbe") == [
+        "2 workers, death 1: queue 0, batch 0, client got [error 500]",
+        "1 workers, death 1: queue 0, batch 0, client got [error 500]",
+    ]
+
+
 # ----- unexpected classes: the JVM refuses to start -----
 
 HELLO = "public class Hello { public static void main(String[] a) { System.out.println(\"main ran\"); } }"
@@ -150,6 +173,7 @@ public class Model {
     private final ReentrantLock lock = new ReentrantLock();
     public String getModelName() { return "jai"; }
     public void addFirst(org.pytorch.serve.job.Job job) { }
+    public int getMinWorkers() { return 1; }
     public void pollInferJob(Map<String, Object> jobsRepo, int batchSize, LinkedBlockingDeque<Object> jobsQueue) {
         %s
     }

@@ -258,9 +258,10 @@ final class Patches {
      * error response, written into the middle of responses already streaming: the client sees a broken
      * chunked transfer. ContinuousBatching gets its own sendError: a response that has begun ends with a
      * last chunk in its own format (WorkerLoss.lastChunk, by the content type of its first chunk); a job
-     * the client has seen nothing of goes back to the head of the queue, once, for the replacement
-     * worker (a second death fails it as before). Which jobs have begun: every Job.response call of this
-     * class records the job id and content type (the intermediate messages' helper of fix 3 included).
+     * the client has seen nothing of goes back to the head of the queue for another worker or the
+     * replacement, at most once per worker of the model (WorkerLoss.requeue; then it fails as before).
+     * Which jobs have begun: every Job.response call of this class records the job id and content type
+     * (the intermediate messages' helper of fix 3 included).
      */
     private static void endResponsesOfADeadWorker(CtClass batcher) throws Refusal, CannotCompileException {
         String sendError = "(Lorg/pytorch/serve/util/messages/BaseModelRequest;Ljava/lang/String;I)V";
@@ -271,6 +272,7 @@ final class Patches {
         }
         declared(other(batcher, "org.pytorch.serve.wlm.BatchAggregator"), "sendError", sendError);  // overridden
         declared(other(batcher, MODEL), "addFirst", "(L" + JOB.replace('.', '/') + ";)V");  // the queue's head
+        declared(other(batcher, MODEL), "getMinWorkers", "()I");  // how often a job may go back
         CtMethod send = declared(batcher, "sendResponse", SEND_RESPONSE);
         CtMethod helper = declared(batcher, HELPER, "(Lorg/pytorch/serve/util/messages/ModelWorkerResponse;)Z");
         CtMethod get = declared(batcher, "getRequest", GET_REQUEST);
@@ -302,7 +304,7 @@ final class Patches {
                 + "      job.response(jaiserve.tspatch.WorkerLoss.lastChunk(type, path), type, 200, null, headers);"
                 + "      logger.warn(\"Worker died: ended the begun response of request {}\","
                 + "          job.getPayload().getRequestId());"
-                + "    } else if (jaiserve.tspatch.WorkerLoss.firstRequeue(job)) {"
+                + "    } else if (jaiserve.tspatch.WorkerLoss.requeue(job, model.getMinWorkers())) {"
                 + "      job.getPayload().setCachedInBackend(false);"
                 + "      model.addFirst(job);"
                 + "      logger.warn(\"Worker died: request {} goes back to the queue\","

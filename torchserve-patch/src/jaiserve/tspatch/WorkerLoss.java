@@ -1,7 +1,6 @@
 package jaiserve.tspatch;
 
 import java.nio.charset.StandardCharsets;
-import java.util.Collections;
 import java.util.Map;
 import java.util.WeakHashMap;
 
@@ -15,7 +14,11 @@ import java.util.WeakHashMap;
  * first chunk: an NDJSON line with "finish_reason": "error" (native stream), an OpenAI error event and
  * `data: [DONE]` (OpenAI stream: the SDKs raise their API error), or the route's JSON error body (a
  * non-streamed call, which continuous batching answers as a chunked response that so far held nothing).
- * A request the client has seen nothing of yet goes back to the queue once, for the replacement worker.
+ * A request the client has seen nothing of yet goes back to the queue, for another worker or the replacement:
+ * at most once per worker the model runs. Workers killed together (the OOM killer, a container losing its
+ * processes) can hand a requeued request to a thread whose worker is dead but not yet noticed, which
+ * fails it a second time through no fault of its own; a request that kills every worker it reaches takes
+ * each worker down at most once, then fails with TorchServe's error.
  */
 public final class WorkerLoss {
     /** The message every such last chunk carries; tests and docs/updates.md quote it. */
@@ -24,8 +27,8 @@ public final class WorkerLoss {
     static final String NDJSON = "application/x-ndjson";
     static final String SSE = "text/event-stream";
 
-    /** Jobs already sent back to the queue once; weak keys: a job answered and dropped leaves by itself. */
-    private static final Map<Object, Boolean> REQUEUED = Collections.synchronizedMap(new WeakHashMap<>());
+    /** How often each job went back to the queue; weak keys: a job answered and dropped leaves by itself. */
+    private static final Map<Object, Integer> REQUEUED = new WeakHashMap<>();
 
     private WorkerLoss() {}
 
@@ -53,10 +56,20 @@ public final class WorkerLoss {
         return body.getBytes(StandardCharsets.UTF_8);
     }
 
-    /** True the first time a job is offered back to the queue; false after (a request that kills every
-     * worker it reaches must not take the replacements down one after another). */
-    public static boolean firstRequeue(Object job) {
-        return REQUEUED.put(job, Boolean.TRUE) == null;
+    /**
+     * True while a job has gone back to the queue fewer times than the model has workers (at least once);
+     * counts this time. False after: a request that kills every worker it reaches must not take the
+     * replacements down one after another.
+     */
+    public static boolean requeue(Object job, int workers) {
+        synchronized (REQUEUED) {
+            int times = REQUEUED.getOrDefault(job, 0);
+            if (times >= Math.max(1, workers)) {
+                return false;
+            }
+            REQUEUED.put(job, times + 1);
+            return true;
+        }
     }
 
     static boolean isOpenAI(String urlPath) {
