@@ -1,5 +1,6 @@
 """oneDNN-packed float32 Linear layers (handler.cpu_linear: onednn): same values as nn.Linear, rows
-bit-for-bit the same alone and in any batch, and a whole model that still decodes like the seed."""
+bit-for-bit the same alone and in any batch, and a whole model that still decodes like the seed. And
+``dtype: bfloat16`` on CPU: bfloat16 Linear weights (packed, or torch's GEMM), everything else float32."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from conftest import FULL, TINY
 from jaiserve import Engine, GPT, GPTConfig, SamplingParams, load_model
 from jaiserve.checkpoint import quantize_int8
-from jaiserve.packed import PackedLinear, linear_kernels, pack_linears
+from jaiserve.packed import Bfloat16Linear, PackedLinear, bfloat16_available, linear_kernels, pack_linears
 
 
 def test_every_linear_of_a_float32_cpu_model_is_packed(tiny_ckpt):
@@ -18,10 +19,45 @@ def test_every_linear_of_a_float32_cpu_model_is_packed(tiny_ckpt):
     assert linear_kernels(model) == "onednn"
 
 
-def test_aten_and_bfloat16_keep_torchs_linear(tiny_ckpt):
-    for model in (load_model(tiny_ckpt[0], n_head=2, cpu_linear="aten"),
-                  load_model(tiny_ckpt[0], n_head=2, dtype="bfloat16")):
-        assert isinstance(model.head, torch.nn.Linear) and linear_kernels(model) == "aten"
+def test_aten_keeps_torchs_linear(tiny_ckpt):
+    model = load_model(tiny_ckpt[0], n_head=2, cpu_linear="aten")
+    assert isinstance(model.head, torch.nn.Linear) and linear_kernels(model) == "aten"
+
+
+def test_bfloat16_on_cpu_gives_the_linear_layers_bfloat16_weights_and_keeps_the_rest_float32(tiny_ckpt):
+    packed = "onednn-bfloat16" if bfloat16_available() else "aten-bfloat16"
+    for cpu_linear, kernels in (("onednn", packed), ("aten", "aten-bfloat16")):
+        model = load_model(tiny_ckpt[0], n_head=2, dtype="bfloat16", cpu_linear=cpu_linear)
+        assert linear_kernels(model) == kernels
+        assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # embeddings, LayerNorms
+        engine = Engine(model)
+        assert engine.cache.k.dtype == torch.float32
+
+
+# the packed kind where oneDNN has bfloat16 kernels for this CPU (AVX-512 and up); torch's GEMM everywhere
+@pytest.mark.parametrize("kind", ["aten"] + (["packed"] if bfloat16_available() else []))
+@pytest.mark.parametrize("shape", [(384, 1152, True), (1536, 384, True), (384, 2400, False)])
+def test_bfloat16_linear_is_the_product_of_bfloat16_inputs_and_weights_in_float32(kind, shape):
+    torch.manual_seed(0)
+    fan_in, fan_out, bias = shape
+    linear = torch.nn.Linear(fan_in, fan_out, bias=bias)
+    module = PackedLinear(linear, torch.bfloat16) if kind == "packed" else Bfloat16Linear(linear)
+    x = torch.randn(2, 5, fan_in)
+    with torch.inference_mode():
+        got = module(x)
+        exact = x.bfloat16().float() @ linear.weight.bfloat16().float().t()  # float32 sums of the rounded operands
+        exact = exact + (linear.bias if bias else 0)
+    assert got.dtype == torch.float32 and got.shape == (2, 5, fan_out)
+    # the product comes back rounded to bfloat16 (8 significant bits), the bias is added in float32
+    torch.testing.assert_close(got, exact, rtol=2**-7, atol=1e-3)
+
+
+def test_a_bfloat16_model_decodes_mostly_like_float32(tiny_ckpt):
+    prompt, params = [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=16, top_k=1)
+    full = Engine(load_model(tiny_ckpt[0], n_head=2)).generate([prompt], [params])[0].token_ids
+    half = Engine(load_model(tiny_ckpt[0], n_head=2, dtype="bfloat16")).generate([prompt], [params])[0].token_ids
+    assert len(half) == 16 and half[:2] == full[:2]  # rounding may change later greedy choices
 
 
 def test_unknown_cpu_linear_is_refused(tiny_ckpt):

@@ -72,6 +72,25 @@ def test_top_k_keeps_ties_like_the_seed():
     assert seen == {0, 1, 2, 3}
 
 
+def test_a_tie_past_k_widens_only_its_row_and_seeded_draws_repeat_in_any_batch():
+    """Coarse logits (bfloat16 Linear layers) tie often: the tied row keeps every token equal to its k-th
+    largest, like the seed, and its seeded draw is the same alone and next to other rows."""
+    torch.manual_seed(0)
+    tied = torch.full((1, 500), -10.0)
+    tied[0, 100:130] = 2.0  # 30 tokens tie for the top: top_k=5 keeps all 30
+    other = torch.randn(3, 500)
+    params = SamplingParams(temperature=1.0, top_k=5, seed=3)
+    seen = {int(sample(tied, [params], [torch.Generator().manual_seed(s)])[0]) for s in range(400)}
+    assert seen == set(range(100, 130))
+    alone = [int(sample(tied, [params], [torch.Generator().manual_seed(s)])[0]) for s in range(20)]
+    batched = []
+    for s in range(20):
+        generators = [None, torch.Generator().manual_seed(s), None, None]
+        batched.append(int(sample(torch.cat([other[:1], tied, other[1:]]), [SamplingParams(top_k=5)] + [params] +
+                                  [SamplingParams(top_k=5, temperature=0.5)] * 2, generators)[1]))
+    assert batched == alone
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     params = [SamplingParams(temperature=1.0, top_k=None, top_p=0.7)]

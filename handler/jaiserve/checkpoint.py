@@ -11,14 +11,15 @@ from tokenizers import Tokenizer
 
 from .int8 import quantize_int8
 from .model import GPT, GPTConfig
-from .packed import CPU_LINEARS, pack_linears
+from .packed import CPU_LINEARS, bfloat16_linears, pack_linears
 
 # The seed registers each block's causal mask as a buffer; we build masks on the fly instead.
 _SEED_MASK_BUFFER = re.compile(r"^blocks\.\d+\.attn\.bias$")
 _COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key
 _CONFIG_KEYS = ("config", "model_args")
 _CONFIG_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-DTYPES = ("float32", "bfloat16", "int8")  # handler.dtype; int8 = Linear layers quantized (int8.py), rest float32
+# handler.dtype; on CPU int8 and bfloat16 change the Linear layers only (int8.py, packed.py), the rest stays float32
+DTYPES = ("float32", "bfloat16", "int8")
 
 
 class CheckpointError(ValueError):
@@ -30,7 +31,9 @@ def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32, cpu_lin
 
     The architecture comes from the checkpoint's ``config``/``model_args`` when present, otherwise from
     the tensor shapes; ``n_head`` is used only when the checkpoint does not say. ``dtype`` is a torch
-    dtype or one of ``DTYPES``; ``"int8"`` loads in float32 and then applies ``int8.quantize_int8``.
+    dtype or one of ``DTYPES``; ``"int8"`` loads in float32 and then applies ``int8.quantize_int8``;
+    ``"bfloat16"`` on CPU loads in float32 and gives the Linear layers bfloat16 weights
+    (``packed.bfloat16_linears``), elsewhere the whole model is bfloat16 (as a torch dtype is, anywhere).
     ``cpu_linear`` is one of ``CPU_LINEARS``: float32 on CPU packs its Linear layers for oneDNN
     (``packed.py``) unless it is ``"aten"``.
     """
@@ -41,6 +44,8 @@ def load_model(path, n_head: int = 6, device="cpu", dtype=torch.float32, cpu_lin
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if dtype == "int8":
             return quantize_int8(load_model(path, n_head, device, torch.float32, cpu_linear="aten"))
+        if dtype == "bfloat16" and torch.device(device).type == "cpu":
+            return bfloat16_linears(load_model(path, n_head, device, torch.float32, cpu_linear="aten"), cpu_linear)
         dtype = getattr(torch, dtype)
     path = Path(path)
     state, stored_config = _read_state_dict(path)

@@ -88,8 +88,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
     scaled = _rows(logits, rows)  # (R, vocab)
     small = [j for j, i in enumerate(rows) if (params[i].top_k or vocab) < vocab]
     if small:
-        ties = _sample_top_k(_rows(scaled, small), [rows[j] for j in small], params, generators, tokens)
-        small = [j for j, tied in zip(small, ties) if not tied]
+        _sample_top_k(_rows(scaled, small), [rows[j] for j in small], params, generators, tokens)
     rest = sorted(set(range(len(rows))) - set(small))
     if rest:
         temperature = torch.tensor([params[rows[j]].temperature for j in rest], device=logits.device)
@@ -103,37 +102,39 @@ def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return tensor if len(rows) == tensor.shape[0] else tensor[rows]
 
 
-def _sample_top_k(logits, rows, params, generators, tokens) -> list[bool]:
+def _sample_top_k(logits, rows, params, generators, tokens) -> None:
     """Sample among each row's k largest logits only: k draws instead of vocabulary-size draws.
 
     Dividing by a positive temperature keeps the order, so the k largest are found on the raw logits
-    and only they are divided. The seed keeps every logit equal to the k-th largest; a row where the
-    (k+1)-th ties with the k-th is returned as tied, for the full-vocabulary path.
+    and only they are divided. The seed keeps every logit equal to the k-th largest: a row where the
+    (k+1)-th ties with the k-th keeps all of them, its k widened to their count (coarse logits, as
+    bfloat16 Linear layers give, tie often; the full vocabulary is read for those rows only).
     """
     device = logits.device
     ks = torch.tensor([params[i].top_k for i in rows], device=device)
-    kmax = int(ks.max())
-    values, indices = torch.topk(logits, kmax + 1, dim=-1)  # (R, kmax + 1), descending
-    temperature = torch.tensor([params[i].temperature for i in rows], device=device)
-    values = values / temperature.unsqueeze(1)
+    temperature = torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
+    values, indices = torch.topk(logits, int(ks.max()) + 1, dim=-1)  # (R, kmax + 1), descending
+    values = values / temperature
     kth = values.gather(1, ks.unsqueeze(1) - 1)
-    tied = (values.gather(1, ks.unsqueeze(1)) == kth).squeeze(1).tolist()
+    tied = (values.gather(1, ks.unsqueeze(1)) == kth).squeeze(1)
+    if tied.any():
+        ks = torch.where(tied, (logits / temperature >= kth).sum(dim=1), ks)
+        values, indices = torch.topk(logits, int(ks.max()), dim=-1)
+        values = values / temperature
+    kmax = int(ks.max())
     values, indices = values[:, :kmax], indices[:, :kmax]
     beyond_k = torch.arange(kmax, device=device)[None, :] >= ks[:, None]
     probs = F.softmax(values.masked_fill(beyond_k, float("-inf")), dim=-1)
     top_p = torch.tensor([params[i].top_p for i in rows], device=device)
     if (top_p < 1).any():
         probs = _nucleus_sorted(probs, top_p)
-    choice = _draw(probs, [generators[i] for i in rows], [params[i].top_k for i in rows])
-    picked = indices.gather(1, choice.unsqueeze(1)).squeeze(1)
-    keep = [j for j, t in enumerate(tied) if not t]
-    tokens[[rows[j] for j in keep]] = picked[keep]
-    return tied
+    choice = _draw(probs, [generators[i] for i in rows], ks.tolist())
+    tokens[rows] = indices.gather(1, choice.unsqueeze(1)).squeeze(1)
 
 
 def _sample_full(scaled, rows, params, generators, tokens) -> None:
     """Seed semantics over the whole vocabulary (logits already divided by temperature): keep logits
-    >= the k-th largest, then top_p. For rows without top_k, and the rare rows with ties at k."""
+    >= the k-th largest, then top_p. For rows without top_k, or with top_k at least the vocabulary."""
     vocab = scaled.shape[-1]
     ks = [min(params[i].top_k or vocab, vocab) for i in rows]
     if min(ks) < vocab:
