@@ -1,8 +1,8 @@
 """JAI served by TorchServe beside llama.cpp's llama-server on the same checkpoint, and our engine in-process.
 
     .venv/bin/python bench/peer_bench.py [--clients 1 4 16 64] [--rounds 2] [--tokens 128]
-                                         [--requests-per-client 2] [--llama-version 0.3.36] [--portable]
-                                         [--plot bench/results/peer.png]
+                                         [--dtypes float32 int8 bfloat16] [--requests-per-client 2]
+                                         [--llama-version 0.3.36] [--portable] [--plot bench/results/peer.png]
 
 One load generator drives both servers through their OpenAI completion routes (streamed, temperature 0.8,
 top_k 50, seeded; llama-server's other samplers switched off and ``ignore_eos`` set, so both make every
@@ -12,9 +12,11 @@ engine alone (``Engine.generate``, same settings as served) runs the same reques
 both servers sit idle, for the served / in-process ratio.
 
 The model is the seed's full default shape (24000/256/6/6/384) with random weights and load_bench's
-synthetic 24000-token tokenizer, written to GGUF F32 by scripts/export_gguf.py. llama-server runs 64
-slots of 256 positions, ``--threads 2``, continuous batching; torchserve the repo's config.properties and
-model-config.yaml.
+synthetic 24000-token tokenizer, written to GGUF by scripts/export_gguf.py. llama-server runs 64 slots of
+256 positions, ``--threads 2``, continuous batching; torchserve the repo's config.properties and
+model-config.yaml. Per ``--dtypes`` entry, our server with that ``handler.dtype`` beside llama-server on the
+GGUF of the same precision (PEER_TYPES: float32 / F32, int8 / Q8_0, bfloat16 / BF16); each row's ratio is
+to the llama-server of its own precision.
 
 llama-server is built once from the llama.cpp sources that PyPI distributes (the source distribution of
 ``llama-cpp-python``, its ``vendor/llama.cpp``) into ``~/.cache/jai-serve/llama.cpp`` with cmake: a native
@@ -57,7 +59,9 @@ from ts_launcher import archive, running_torchserve  # noqa: E402
 SLOTS = 64  # llama-server --parallel: as many sequences as our batchSize
 TEMPERATURE, TOP_K = 0.8, 50
 LLAMA, OURS, IN_PROCESS = "llama-server", "JAI (TorchServe)", "JAI in-process"
-LLAMA_NATIVE = "llama-server, native build (float32 only)"
+LLAMA_NATIVE = "llama-server, native build"
+# our handler.dtype -> the GGUF type llama-server serves beside it: the same bytes per Linear weight
+PEER_TYPES = {"float32": "f32", "int8": "q8_0", "bfloat16": "bf16"}
 SHIPPED_VMARGS = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M).group(1)
 # --variants: more torchserve servers beside the shipped one, each with these config.properties lines and
 # model-config.yaml handler keys; "a+b" serves both variants' settings together
@@ -89,6 +93,7 @@ def variant(name: str) -> tuple[dict, dict]:
 class TorchServeTarget:
     server: object  # ts_launcher.Server
     name: str = OURS
+    dtype: str = "float32"
 
     @property
     def completions_url(self) -> str:
@@ -172,23 +177,22 @@ def cpu_name() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Per concurrency, every target's figures, and each one's tokens/s against llama-server's and against our
-    engine in-process."""
-    by = {(r["target"], r["clients"]): r for r in rows}
-    print("| clients | server | tokens/s | / best llama-server | / JAI in-process | TTFT p50 / p99 (ms) "
-          "| gap p50 / p99 (ms) |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    """Per concurrency, every target's figures, and each one's tokens/s against the faster llama-server of its
+    precision and against our engine in-process in its dtype."""
+    print("| clients | server | dtype | tokens/s | / best llama-server, same precision | / JAI in-process "
+          "| TTFT p50 / p99 (ms) | gap p50 / p99 (ms) |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        alone = by[(IN_PROCESS, r["clients"])]
-        llama = max((p for p in rows if p["clients"] == r["clients"] and p["target"].startswith(LLAMA)),
-                    key=lambda p: p["tokens_per_s"])
+        same = [p for p in rows if p["clients"] == r["clients"] and p["dtype"] == r["dtype"]]
+        alone = next((p for p in same if p["target"].startswith(IN_PROCESS)), None)
+        llama = max((p for p in same if p["target"].startswith(LLAMA)), key=lambda p: p["tokens_per_s"], default=None)
         tokens = f"{r['tokens_per_s']:.0f}"
         if len(r.get("tokens_per_s_runs", ())) > 1:
             tokens += f" ({min(r['tokens_per_s_runs']):.0f}-{max(r['tokens_per_s_runs']):.0f})"
-        timing = ("| | " if r["target"] == IN_PROCESS else
+        ratio = lambda other: f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}" if other else ""  # noqa: E731
+        timing = ("| | " if r["target"].startswith(IN_PROCESS) else
                   f"| {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['itl_ms_p50']:.1f} / {r['itl_ms_p99']:.1f} ")
-        print(f"| {r['clients']} | {r['target']} | {tokens} | {r['tokens_per_s'] / llama['tokens_per_s']:.2f} "
-              f"| {r['tokens_per_s'] / alone['tokens_per_s']:.2f} {timing}|")
+        print(f"| {r['clients']} | {r['target']} | {r['dtype']} | {tokens} | {ratio(llama)} | {ratio(alone)} {timing}|")
 
 
 def main() -> None:
@@ -197,10 +201,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", choices=list(PEER_TYPES), default=["float32"],
+                        help="our handler.dtype values, each beside llama-server on the GGUF of its precision")
     parser.add_argument("--llama-version", default=llama_server.VERSION)
     parser.add_argument("--portable", action="store_true", help="skip the native build")
     parser.add_argument("--variants", nargs="*", default=[],
-                        help=f"also serve these variants beside the shipped configuration ({', '.join(VARIANTS)}; "
+                        help=f"also serve these float32 variants beside the shipped configuration ({', '.join(VARIANTS)}; "
                              "a+b for both)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "peer.png")
@@ -210,49 +216,60 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="jai-peer-") as scratch:
         scratch = Path(scratch)
         checkpoint, tokenizer = make_bench_model(scratch)
-        gguf = export(checkpoint, tokenizer, scratch / "jai-f32.gguf", "f32")
-        q8 = export(checkpoint, tokenizer, scratch / "jai-q8_0.gguf", "q8_0")  # the build's check runs it too
-        binary = llama_server.working_binary([gguf, q8], scratch, args.llama_version, args.portable)
+        ggufs = {t: export(checkpoint, tokenizer, scratch / f"jai-{t}.gguf", t) for t in ("f32", "q8_0", "bf16")}
+        # the build's check runs a quantized model too
+        binary = llama_server.working_binary([ggufs["f32"], ggufs["q8_0"]], scratch, args.llama_version, args.portable)
+        native = llama_server.binary_path(args.llama_version, portable=False)
         shipped = yaml.safe_load((ROOT / "model-config.yaml").read_text())
         settings = shipped["handler"]
-        model = load_model(checkpoint, dtype=settings["dtype"], cpu_linear=settings["cpu_linear"])
+        models = {dtype: load_model(checkpoint, dtype=dtype, cpu_linear=settings["cpu_linear"]) for dtype in args.dtypes}
+        block_size = next(iter(models.values())).config.block_size
         torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
         with contextlib.ExitStack() as stack:  # every server up at once; one is loaded at a time
-            targets = [stack.enter_context(llama_server.running(
-                binary, gguf, scratch / "llama.log", SLOTS, model.config.block_size))]
-            native = llama_server.binary_path(args.llama_version, portable=False)
-            if native != binary and native.exists() and llama_server.runs(native, gguf, scratch):
-                # the native build refused the q8_0 check but serves float32: the faster peer is the bar
-                targets.append(stack.enter_context(llama_server.running(
-                    native, gguf, scratch / "llama-native.log", SLOTS, model.config.block_size, name=LLAMA_NATIVE)))
-            for n, variant_name in enumerate([None, *args.variants]):
+            targets = []
+            for dtype in args.dtypes:
+                gguf_type = PEER_TYPES[dtype]
+                gguf = ggufs[gguf_type]
+                llama = stack.enter_context(llama_server.running(
+                    binary, gguf, scratch / f"llama-{gguf_type}.log", SLOTS, block_size, name=f"{LLAMA} {gguf_type}"))
+                targets.append((llama, dtype))
+                if native != binary and native.exists() and llama_server.runs(native, gguf, scratch):
+                    # the native build refused the check's q8_0 but serves this type: the faster peer is the bar
+                    targets.append((stack.enter_context(llama_server.running(
+                        native, gguf, scratch / f"llama-native-{gguf_type}.log", SLOTS, block_size,
+                        name=f"{LLAMA_NATIVE} {gguf_type}")), dtype))
+            served = [(dtype, None) for dtype in args.dtypes] + [("float32", name) for name in args.variants]
+            for n, (dtype, variant_name) in enumerate(served):
                 root = scratch / f"ts-{n}"
                 root.mkdir()
                 properties, handler = variant(variant_name) if variant_name else ({}, {})
-                config = {**shipped, "handler": {**settings, **handler}}
+                config = {**shipped, "handler": {**settings, "dtype": dtype, **handler}}
                 (root / "model-config.yaml").write_text(yaml.safe_dump(config))
                 archive(root, checkpoint, tokenizer, root / "model-config.yaml")
                 server = stack.enter_context(running_torchserve(root, properties=properties))
-                targets.append(TorchServeTarget(server, OURS + (f", {variant_name}" if variant_name else "")))
-            for target in targets:  # warm-up: the frontends' JIT compiles the paths the load takes
+                name = f"{OURS} {dtype}" + (f", {variant_name}" if variant_name else "")
+                targets.append((TorchServeTarget(server, name, dtype), dtype))
+            for target, _ in targets:  # warm-up: the frontends' JIT compiles the paths the load takes
                 run_level(target, 16, 2, 32)
             for clients in args.clients:
                 runs: dict[str, list[dict]] = {}
                 for _round in range(args.rounds):
-                    for target in targets:
+                    for target, dtype in targets:
                         busy = quiet()  # the other CPU use just before: > 0.1 means the wait gave up
-                        row = {"target": target.name, "busy_before": busy,
+                        row = {"target": target.name, "dtype": dtype, "busy_before": busy,
                                **run_level(target, clients, args.requests_per_client, args.tokens)}
                         runs.setdefault(target.name, []).append(row)
-                        print(f"  {target.name:18s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
+                        print(f"  {target.name:30s} {clients:3d} clients {row['tokens_per_s']:7.1f} tokens/s "
                               f"ttft p50 {row['ttft_ms_p50']:6.0f} ms", file=sys.stderr)
-                    busy = quiet()
-                    alone = {"target": IN_PROCESS, "busy_before": busy, **in_process(model, clients, args.requests_per_client, args.tokens)}
-                    runs.setdefault(alone["target"], []).append(alone)
-                    print(f"  {IN_PROCESS:18s} {clients:3d} clients {alone['tokens_per_s']:7.1f} tokens/s",
-                          file=sys.stderr)
+                    for dtype, model in models.items():
+                        busy = quiet()
+                        alone = {"target": f"{IN_PROCESS} {dtype}", "dtype": dtype, "busy_before": busy,
+                                 **in_process(model, clients, args.requests_per_client, args.tokens)}
+                        runs.setdefault(alone["target"], []).append(alone)
+                        print(f"  {alone['target']:30s} {clients:3d} clients {alone['tokens_per_s']:7.1f} tokens/s",
+                              file=sys.stderr)
                 rows += [median_row(level) for level in runs.values()]
-    title = (f"JAI vs llama-server, full default shape, float32 / GGUF F32, {args.tokens} tokens streamed; "
+    title = (f"JAI vs llama-server, full default shape, {' / '.join(args.dtypes)}, {args.tokens} tokens streamed; "
              f"{machine}")
     print(f"\n{title}; median of {args.rounds} rounds\n")
     print_table(rows)

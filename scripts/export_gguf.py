@@ -1,7 +1,7 @@
 """Write a JAI checkpoint and its tokenizer as one GGUF file that llama.cpp (and Ollama) load.
 
     python scripts/export_gguf.py [--checkpoint checkpoints/ckpt.pt] [--tokenizer data/tokenizer.json]
-                                  [--out jai.gguf] [--outtype f32|f16|q8_0] [--n-head 6]
+                                  [--out jai.gguf] [--outtype f32|f16|bf16|q8_0] [--n-head 6]
 
 JAI is GPT-2's architecture (learned positions, pre-LN blocks, fused QKV, GELU MLP, biases everywhere),
 so the file uses llama.cpp's ``gpt2`` architecture; only the head is untied, which ``gpt2`` allows
@@ -12,7 +12,7 @@ uses); ids past the tokenizer's size (the model may have more rows) are padded a
 
 One difference stays: llama.cpp's ``gpt2`` graph computes GELU with the tanh approximation, JAI with the
 exact erf, so logits differ by ~1e-3. Greedy tokens agree where the model is decided (the demo model:
-tests/test_gguf.py); ``f32`` keeps everything else exact, ``f16``/``q8_0`` trade accuracy for size.
+tests/test_gguf.py); ``f32`` keeps everything else exact, ``f16``/``bf16``/``q8_0`` trade accuracy for size.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - a set-up error, said plainly
     sys.exit("export_gguf.py needs the gguf package: .venv/bin/pip install -r requirements-dev.txt")
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0}
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 # llama.cpp's /v1/chat/completions (and Ollama) format messages with this: the seed's /chat wrapping, each past
 # answer closed by [/ANSWER] as jaiserve/openai_api.py does; generation then stops at the "[/ANSWER]" stop string
 CHAT_TEMPLATE = (
@@ -118,7 +118,7 @@ def export(checkpoint: Path, tokenizer_path: Path, out: Path, outtype: str = "f3
     writer.add_head_count(config.n_head)
     writer.add_layer_norm_eps(LAYER_NORM_EPS)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex: what tokenizers' ByteLevel pre-tokenizer uses
     writer.add_token_list(vocab["tokens"])

@@ -81,6 +81,19 @@ def test_q8_0_export_is_close_to_float32(tiny_gguf, tiny_ckpt):
     assert tensors["blk.0.ffn_up.bias"].tensor_type == gguf.GGMLQuantizationType.F32
 
 
+def test_bf16_export_rounds_the_linear_weights_to_bfloat16(tiny_gguf, tiny_ckpt):
+    """What peer_bench serves beside dtype: bfloat16 (the same weights JAI's bfloat16 Linear layers use)."""
+    directory, _ = tiny_gguf
+    path = export(tiny_ckpt[0], directory / "tokenizer.json", directory / "tiny-bf16.gguf", "bf16", n_head=2)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    weight = load_model(tiny_ckpt[0], n_head=2, cpu_linear="aten").blocks[0].mlp.c_fc.weight.detach()
+    stored = tensors["blk.0.ffn_up.weight"]
+    assert stored.tensor_type == gguf.GGMLQuantizationType.BF16
+    restored = gguf.quants.dequantize(stored.data, stored.tensor_type).reshape(weight.shape)
+    assert np.array_equal(restored, weight.bfloat16().float().numpy())  # round to nearest even, as torch
+    assert tensors["blk.0.ffn_up.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
 # ----- llama.cpp itself -----
 
 
