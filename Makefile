@@ -119,7 +119,7 @@ bench: $(VENV)/.installed-dev
 
 # JAI through TorchServe beside llama-server on the same checkpoint (docs/performance.md)
 peer-bench: $(VENV)/.installed-dev torchserve-patch
-	$(PY) bench/peer_bench.py
+	$(PY) bench/peer_bench.py --rounds 3
 
 clean:
 	rm -rf model_store logs logs.start.txt key_file.json multi

@@ -221,31 +221,38 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def plot_levels(series: dict[str, list[dict]], path: Path, title: str) -> None:
     """Tokens/s (with every round's range when there are several) and TTFT p50 against concurrency, a line
-    per label; rows without a TTFT (an in-process run) only on the left (also bench/peer_bench.py)."""
+    per label; rows without a TTFT (an in-process run) only on the left."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    draw_levels(series, left, right)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def draw_levels(series: dict[str, list[dict]], left, right, styles: dict[str, dict] | None = None) -> None:
+    """plot_levels' two panels on given matplotlib axes (also bench/peer_bench.py, a pair per dtype);
+    ``styles``: line keyword arguments per label."""
     for label, mine in series.items():
+        style = (styles or {}).get(label, {})
         clients = [r["clients"] for r in mine]
-        [line] = left.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=label)
+        [line] = left.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=label, **style)
         if all(len(r.get("tokens_per_s_runs", ())) > 1 for r in mine):  # --rounds: every round's spread
             left.fill_between(clients, [min(r["tokens_per_s_runs"]) for r in mine],
                               [max(r["tokens_per_s_runs"]) for r in mine], color=line.get_color(), alpha=0.2)
         if "ttft_ms_p50" in mine[0]:
-            right.plot(clients, [r["ttft_ms_p50"] for r in mine], marker="o", label=label)
+            right.plot(clients, [r["ttft_ms_p50"] for r in mine], marker="o", label=label, **style)
     for axis, name in ((left, "tokens/s (higher is better)"), (right, "TTFT p50, ms (lower is better)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrent streaming clients")
         axis.set_title(name)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize="small")
     right.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def _label(row: dict) -> str:

@@ -51,7 +51,7 @@ sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests"), str(ROOT / "bench"),
 from engine_bench import PROMPT_TOKENS, make_engine  # noqa: E402
 from jaiserve import SamplingParams, load_model  # noqa: E402
 from load_bench import (  # noqa: E402
-    _read_events, make_bench_model, median_row, plot_levels, run_clients, summarize)
+    _read_events, draw_levels, make_bench_model, median_row, run_clients, summarize)
 from scripts import llama_server  # noqa: E402
 from scripts.export_gguf import export  # noqa: E402
 from ts_launcher import archive, running_torchserve  # noqa: E402
@@ -195,19 +195,42 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['clients']} | {r['target']} | {r['dtype']} | {tokens} | {ratio(llama)} | {ratio(alone)} {timing}|")
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """A row of two panels (tokens/s, TTFT p50) per dtype: llama-server's builds, JAI served, JAI in-process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(len(dtypes), 2, figsize=(11, 3.6 * len(dtypes)), squeeze=False)
+    for dtype, (left, right) in zip(dtypes, axes):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        series = {t: [r for r in mine if r["target"] == t] for t in dict.fromkeys(r["target"] for r in mine)}
+        styles = {t: {"color": "tab:olive" if t.startswith(LLAMA_NATIVE) else "tab:green" if t.startswith(LLAMA)
+                      else "tab:gray" if t.startswith(IN_PROCESS) else "tab:blue",
+                      "linestyle": "--" if t.startswith(IN_PROCESS) else "-"} for t in series}
+        draw_levels(series, left, right, styles)
+        left.set_title(f"{dtype}: tokens/s (higher is better)")
+        right.set_title(f"{dtype}: TTFT p50, ms (lower is better)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", choices=list(PEER_TYPES), default=["float32"],
+    parser.add_argument("--dtypes", nargs="+", choices=list(PEER_TYPES), default=list(PEER_TYPES),
                         help="our handler.dtype values, each beside llama-server on the GGUF of its precision")
     parser.add_argument("--llama-version", default=llama_server.VERSION)
     parser.add_argument("--portable", action="store_true", help="skip the native build")
     parser.add_argument("--variants", nargs="*", default=[],
-                        help=f"also serve these float32 variants beside the shipped configuration ({', '.join(VARIANTS)}; "
-                             "a+b for both)")
+                        help="also serve these float32 variants beside the shipped configuration "
+                             f"({', '.join(VARIANTS)}; a+b for both)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "peer.png")
     args = parser.parse_args()
@@ -222,7 +245,8 @@ def main() -> None:
         native = llama_server.binary_path(args.llama_version, portable=False)
         shipped = yaml.safe_load((ROOT / "model-config.yaml").read_text())
         settings = shipped["handler"]
-        models = {dtype: load_model(checkpoint, dtype=dtype, cpu_linear=settings["cpu_linear"]) for dtype in args.dtypes}
+        models = {dtype: load_model(checkpoint, dtype=dtype, cpu_linear=settings["cpu_linear"])
+                  for dtype in args.dtypes}
         block_size = next(iter(models.values())).config.block_size
         torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
         with contextlib.ExitStack() as stack:  # every server up at once; one is loaded at a time
@@ -278,8 +302,7 @@ def main() -> None:
                                     "llama_server": str(binary), "tokens": args.tokens, "rounds": args.rounds,
                                     "requests_per_client": args.requests_per_client, "rows": rows}, indent=2))
     if args.plot:
-        plot_levels({t: [r for r in rows if r["target"] == t] for t in dict.fromkeys(r["target"] for r in rows)},
-                    args.plot, title)
+        plot(rows, args.plot, title)
 
 
 if __name__ == "__main__":

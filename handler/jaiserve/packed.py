@@ -20,6 +20,11 @@ token, and on CPUs with bfloat16 instructions (AVX512-BF16, AMX) oneDNN's bfloat
 25 Linear layers in a row, 2-vCPU Intel Xeon with AMX, 2 threads, 1.5 / 1.6 / 1.8 / 2.8 ms for 1 / 4 /
 16 / 64 rows against 2.4 / 2.4 / 4.5 / 11.2 ms in float32. Where oneDNN has no bfloat16 kernel for the
 CPU, the weights stay bfloat16 and torch's own bfloat16 GEMM runs them (slower than float32 there).
+Two costs: every product comes back rounded to bfloat16 (8 significant bits; the logits too, so they
+tie often: sampling.py keeps every tie at k, as the seed does), and, unlike float32 and int8, a row's
+result can depend on how many rows share the step (oneDNN picks another kernel by row count: on the
+Xeon above, 6 to 36 rows of the 1536-wide MLP input), so a request's tokens can change with its
+batch-mates.
 """
 
 from __future__ import annotations

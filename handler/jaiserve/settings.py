@@ -13,7 +13,7 @@ class Settings:
     tokenizer: str = "tokenizer.json"
     n_head: int = 6  # used only when the checkpoint does not store its config
     device: str = "auto"  # auto = TorchServe's GPU when it gives one, else cpu
-    dtype: str = "float32"  # or bfloat16, or int8 (Linear layers per-channel int8, jaiserve/int8.py; CPU only)
+    dtype: str = "float32"  # or int8 (Linear layers per-channel int8, int8.py; CPU only), or bfloat16 (packed.py)
     cpu_linear: str = "onednn"  # float32 on CPU: Linear weights packed for oneDNN (jaiserve/packed.py), or aten
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
     one_thread_rows: int = 0  # decode-only steps of at most this many requests run on one torch thread (0: never)
