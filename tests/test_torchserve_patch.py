@@ -143,7 +143,7 @@ def test_unpatched_torchserve_re_sends_every_header_of_a_running_request(probe, 
 # ----- fix 7 on TorchServe's real ContinuousBatching.sendError -----
 
 
-def test_a_request_not_yet_answered_goes_back_to_the_queue_once_per_worker(agent_jar, probe, tmp_path):
+def test_a_dead_workers_requests_go_back_once_per_worker_and_an_interrupted_poll_drops_none(agent_jar, probe, tmp_path):
     # workers killed together: the request can reach a second dead worker before its death is noticed
     assert run_probe(probe, tmp_path, f"-javaagent:{agent_jar}", name="WorkerDeathProbe") == [
         "2 workers, death 1: queue 1, batch 0, client got []",
@@ -151,13 +151,20 @@ def test_a_request_not_yet_answered_goes_back_to_the_queue_once_per_worker(agent
         "2 workers, death 3: queue 0, batch 0, client got [error 500]",  # it reached every worker: it fails
         "1 workers, death 1: queue 1, batch 0, client got []",
         "1 workers, death 2: queue 0, batch 0, client got [error 500]",
+        # a thread interrupted while polling: its begun stream ends with an error line, the request it had
+        # just polled goes back to the queue
+        "interrupted in getRequest: threw InterruptedException; queue [polled], batch []; "
+        "streaming got [line {}, error line], polled got []",
     ]
 
 
-def test_unpatched_torchserve_fails_a_request_at_its_workers_first_death(probe, tmp_path):
+def test_unpatched_torchserve_fails_at_the_first_death_and_drops_an_interrupted_polls_jobs(probe, tmp_path):
     assert run_probe(probe, tmp_path, name="WorkerDeathProbe") == [
         "2 workers, death 1: queue 0, batch 0, client got [error 500]",
         "1 workers, death 1: queue 0, batch 0, client got [error 500]",
+        # WorkerThread's finally then empties the batch: the stream never ends, the request is never answered
+        "interrupted in getRequest: threw InterruptedException; queue [], batch [polled, streaming]; "
+        "streaming got [line {}], polled got []",
     ]
 
 

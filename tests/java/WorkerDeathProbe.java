@@ -1,25 +1,34 @@
 import java.io.File;
 import java.io.PrintStream;
 import java.lang.reflect.Field;
+import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
+import java.util.Collections;
 import java.util.Deque;
 import java.util.List;
 import java.util.Map;
+import java.util.TreeMap;
 import org.pytorch.serve.archive.model.Manifest;
 import org.pytorch.serve.archive.model.ModelArchive;
 import org.pytorch.serve.job.Job;
 import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.messages.ModelInferenceRequest;
+import org.pytorch.serve.util.messages.ModelWorkerResponse;
+import org.pytorch.serve.util.messages.Predictions;
 import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.util.messages.WorkerCommands;
 import org.pytorch.serve.wlm.ContinuousBatching;
 import org.pytorch.serve.wlm.Model;
+import org.pytorch.serve.wlm.WorkerState;
 
 /**
  * Kills, three times over, the worker of a request the client has seen nothing of yet: TorchServe's worker
  * thread calls its real ContinuousBatching.sendError with the batch it had sent, and the probe prints, per
  * death, whether the request went back to the model's queue or was answered with an error. Once with a
- * model of two workers, once with one. tests/test_torchserve_patch.py runs it with and without the agent.
+ * model of two workers, once with one. Then a worker thread interrupted inside getRequest, holding a begun
+ * stream and a request it has just polled: what each client got, and what is left in the queue and the
+ * batch (WorkerThread's finally then empties the batch). tests/test_torchserve_patch.py runs it with and
+ * without the agent.
  */
 public final class WorkerDeathProbe {
     /** A client that records the errors the frontend sends it. */
@@ -33,7 +42,8 @@ public final class WorkerDeathProbe {
         @Override
         public void response(byte[] body, CharSequence contentType, int status, String phrase,
                 Map<String, String> headers) {
-            received.add("response " + status);
+            String text = new String(body, StandardCharsets.UTF_8);
+            received.add(text.contains("\"finish_reason\": \"error\"") ? "error line" : "line " + text);
         }
 
         @Override
@@ -44,6 +54,21 @@ public final class WorkerDeathProbe {
         @Override
         public boolean isOpen() {
             return true;
+        }
+    }
+
+    /** Its worker dies while a thread polls: the poll hands over one more job, then the interrupt arrives. */
+    static final class InterruptedModel extends Model {
+        Job polled;
+
+        InterruptedModel() {
+            super(new ModelArchive(new Manifest(), "jai.mar", new File("."), true), 10);
+        }
+
+        @Override
+        public void pollInferJob(Map<String, Job> jobsRepo, int batchSize) throws InterruptedException {
+            jobsRepo.put(polled.getJobId(), polled);
+            throw new InterruptedException("the worker's channel closed");
         }
     }
 
@@ -75,6 +100,44 @@ public final class WorkerDeathProbe {
                         + ", batch " + batch.size() + ", client got " + job.received);
             }
         }
+        interruptedWhilePolling();
+    }
+
+    private static void interruptedWhilePolling() throws Exception {
+        InterruptedModel model = new InterruptedModel();
+        model.setMinWorkers(2);
+        ContinuousBatching batcher = new ContinuousBatching(model);
+        Map<String, Job> batch = field(batcher.getClass().getSuperclass(), batcher, "jobs");
+        Map<String, Deque<Job>> queues = field(Model.class, model, "jobsDb");
+        RecordingJob streaming = new RecordingJob("streaming");
+        batch.put(streaming.getJobId(), streaming);
+        ModelWorkerResponse first = new ModelWorkerResponse();  // its first line went out: the stream has begun
+        first.setCode(200);
+        first.setMessage("Prediction success");
+        Predictions line = new Predictions();
+        line.setRequestId(streaming.getJobId());
+        line.setResp("{}".getBytes(StandardCharsets.UTF_8));
+        line.setContentType("application/x-ndjson");
+        line.setStatusCode(200);
+        line.setHeaders(new TreeMap<>(Collections.singletonMap(RequestInput.TS_STREAM_NEXT, "true")));
+        first.setPredictions(new ArrayList<>(Collections.singletonList(line)));
+        batcher.sendResponse(first);
+        RecordingJob polled = new RecordingJob("polled");
+        model.polled = polled;
+        String outcome;
+        try {
+            batcher.getRequest("W-9000-jai_1.0", WorkerState.WORKER_MODEL_LOADED);
+            outcome = "returned";
+        } catch (InterruptedException e) {
+            outcome = "threw InterruptedException";
+        }
+        List<String> queued = new ArrayList<>();
+        for (Job job : queues.get(Model.DEFAULT_DATA_QUEUE)) {
+            queued.add(job.getJobId());
+        }
+        System.out.println("interrupted in getRequest: " + outcome + "; queue " + queued + ", batch "
+                + new TreeMap<>(batch).keySet() + "; streaming got " + streaming.received + ", polled got "
+                + polled.received);
     }
 
     @SuppressWarnings("unchecked")

@@ -34,7 +34,8 @@
  *      answered every job of its batch with a full HTTP error, written into the middle of responses
  *      already streaming (a broken chunked transfer). Fix: ContinuousBatching.sendError ends a begun
  *      response with a last chunk carrying the error in the response's own format (WorkerLoss), and puts
- *      a job the client has seen nothing of back at the head of the queue (at most once per worker).
+ *      a job the client has seen nothing of back at the head of the queue (at most once per worker);
+ *      so are the jobs of a worker thread interrupted while it polls (0.12.0 dropped them unanswered).
  * Fixes 8-10 make TorchServe's token authorization behave like an OpenAI-compatible server's API key (kept
  *      across restarts, no expiry unless configured, 401 for a bad key): KeyPatches.java, docs/front-door.md.
  *

@@ -17,6 +17,7 @@ import javassist.CtField;
 import javassist.CtMethod;
 import javassist.CtNewMethod;
 import javassist.LoaderClassPath;
+import javassist.NotFoundException;
 import javassist.bytecode.CodeAttribute;
 import javassist.bytecode.LocalVariableAttribute;
 import javassist.expr.ExprEditor;
@@ -261,7 +262,8 @@ final class Patches {
      * the client has seen nothing of goes back to the head of the queue for another worker or the
      * replacement, at most once per worker of the model (WorkerLoss.requeue; then it fails as before).
      * Which jobs have begun: every Job.response call of this class records the job id and content type
-     * (the intermediate messages' helper of fix 3 included).
+     * (the intermediate messages' helper of fix 3 included). The jobs of a thread interrupted inside
+     * getRequest (which 0.12.0 drops unanswered) get the same treatment.
      */
     private static void endResponsesOfADeadWorker(CtClass batcher) throws Refusal, CannotCompileException {
         String sendError = "(Lorg/pytorch/serve/util/messages/BaseModelRequest;Ljava/lang/String;I)V";
@@ -317,6 +319,16 @@ final class Patches {
                 + "  cleanJobs();"
                 + "}",
                 batcher));
+        // A worker thread interrupted while it polls (its worker died, or it is scaled down) leaves getRequest
+        // with an exception and no request, so WorkerThread's finally skips sendError and only empties the
+        // batch: the jobs it held were dropped unanswered (seen: a request a dead worker had just handed back,
+        // polled by the other dying worker's thread in that millisecond). They get sendError's treatment.
+        try {
+            get.addCatch("{ sendError(null, \"Worker died.\", 500); throw $e; }",
+                    batcher.getClassPool().get("java.lang.InterruptedException"));
+        } catch (NotFoundException e) {
+            throw new Refusal("java.lang.InterruptedException not found on the class path: " + e.getMessage());
+        }
     }
 
     /** One line in logs/ts_log.log, through Model's own logger, when the JVM initializes Model. */
