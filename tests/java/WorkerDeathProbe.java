@@ -16,7 +16,6 @@ import org.pytorch.serve.util.messages.ModelInferenceRequest;
 import org.pytorch.serve.util.messages.ModelWorkerResponse;
 import org.pytorch.serve.util.messages.Predictions;
 import org.pytorch.serve.util.messages.RequestInput;
-import org.pytorch.serve.util.messages.WorkerCommands;
 import org.pytorch.serve.wlm.ContinuousBatching;
 import org.pytorch.serve.wlm.Model;
 import org.pytorch.serve.wlm.WorkerState;
@@ -31,32 +30,6 @@ import org.pytorch.serve.wlm.WorkerState;
  * without the agent.
  */
 public final class WorkerDeathProbe {
-    /** A client that records the errors the frontend sends it. */
-    static final class RecordingJob extends Job {
-        final List<String> received = new ArrayList<>();
-
-        RecordingJob(String id) {
-            super("jai", "1.0", WorkerCommands.PREDICT, new RequestInput(id));
-        }
-
-        @Override
-        public void response(byte[] body, CharSequence contentType, int status, String phrase,
-                Map<String, String> headers) {
-            String text = new String(body, StandardCharsets.UTF_8);
-            received.add(text.contains("\"finish_reason\": \"error\"") ? "error line" : "line " + text);
-        }
-
-        @Override
-        public void sendError(int status, String error) {
-            received.add("error " + status);
-        }
-
-        @Override
-        public boolean isOpen() {
-            return true;
-        }
-    }
-
     /** Its worker dies while a thread polls: the poll hands over one more job, then the interrupt arrives. */
     static final class InterruptedModel extends Model {
         Job polled;
@@ -86,7 +59,7 @@ public final class WorkerDeathProbe {
             Map<String, Job> batch = field(batcher.getClass().getSuperclass(), batcher, "jobs");
             Map<String, Deque<Job>> queues = field(Model.class, model, "jobsDb");
             Deque<Job> queue = queues.get(Model.DEFAULT_DATA_QUEUE);
-            RecordingJob job = new RecordingJob("r" + workers);
+            SendResponseProbe.RecordingJob job = new SendResponseProbe.RecordingJob("r" + workers);
             for (int death = 1; death <= 3; death++) {
                 Job sent = death == 1 ? job : queue.poll();  // the next worker thread takes it from the queue
                 if (sent == null) {
@@ -97,7 +70,7 @@ public final class WorkerDeathProbe {
                 request.addRequest(sent.getPayload());
                 batcher.sendError(request, "Worker died.", 500);
                 System.out.println(workers + " workers, death " + death + ": queue " + queue.size()
-                        + ", batch " + batch.size() + ", client got " + job.received);
+                        + ", batch " + batch.size() + ", client got " + seen(job));
             }
         }
         interruptedWhilePolling();
@@ -109,7 +82,7 @@ public final class WorkerDeathProbe {
         ContinuousBatching batcher = new ContinuousBatching(model);
         Map<String, Job> batch = field(batcher.getClass().getSuperclass(), batcher, "jobs");
         Map<String, Deque<Job>> queues = field(Model.class, model, "jobsDb");
-        RecordingJob streaming = new RecordingJob("streaming");
+        SendResponseProbe.RecordingJob streaming = new SendResponseProbe.RecordingJob("streaming");
         batch.put(streaming.getJobId(), streaming);
         ModelWorkerResponse first = new ModelWorkerResponse();  // its first line went out: the stream has begun
         first.setCode(200);
@@ -122,7 +95,7 @@ public final class WorkerDeathProbe {
         line.setHeaders(new TreeMap<>(Collections.singletonMap(RequestInput.TS_STREAM_NEXT, "true")));
         first.setPredictions(new ArrayList<>(Collections.singletonList(line)));
         batcher.sendResponse(first);
-        RecordingJob polled = new RecordingJob("polled");
+        SendResponseProbe.RecordingJob polled = new SendResponseProbe.RecordingJob("polled");
         model.polled = polled;
         String outcome;
         try {
@@ -136,8 +109,18 @@ public final class WorkerDeathProbe {
             queued.add(job.getJobId());
         }
         System.out.println("interrupted in getRequest: " + outcome + "; queue " + queued + ", batch "
-                + new TreeMap<>(batch).keySet() + "; streaming got " + streaming.received + ", polled got "
-                + polled.received);
+                + new TreeMap<>(batch).keySet() + "; streaming got " + seen(streaming) + ", polled got "
+                + seen(polled));
+    }
+
+    /** What a client received, a stream's error line (WorkerLoss.lastChunk) named as such. */
+    private static List<String> seen(SendResponseProbe.RecordingJob job) {
+        List<String> out = new ArrayList<>();
+        for (String body : job.received) {
+            out.add(body.contains("\"finish_reason\": \"error\"") ? "error line"
+                    : body.startsWith("error ") ? body : "line " + body);
+        }
+        return out;
     }
 
     @SuppressWarnings("unchecked")
