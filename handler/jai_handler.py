@@ -103,12 +103,16 @@ class JAIHandler(BaseHandler):
         self.settings = Settings.from_yaml(yaml_config.get("handler"))
         self.defaults = Defaults(**self.settings.defaults, max_choices=self.settings.max_choices)
         self.continuous = bool(yaml_config.get("continuousBatching", False))
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)
-        # the engine's thread: every step, abort and the step left running between calls (module docstring);
-        # torch gives a new thread its default thread count unless told
+        self.threads = self.settings.threads or torch.get_num_threads()
+        # the engine's thread: the model's load, every step, abort and the step left running between calls
+        # (module docstring). It is the one long-lived thread that runs torch's multi-threaded operators:
+        # GNU OpenMP gives every such thread a team of its own, and once two teams live in one process
+        # (more OpenMP threads than cores) every parallel region starts by waking a sleeping thread (an
+        # elementwise add of 200k floats: 12 us with one team, 65-85 us with two; a two-thread decode step
+        # 4.7 ms against 9.1-9.8). So TorchServe's main thread runs none, and a model update loads on a
+        # thread that ends after it (its team ends with it).
         self.engine_thread = ThreadPoolExecutor(
-            1, "jai-engine", initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
+            1, "jai-engine", initializer=torch.set_num_threads, initargs=(self.threads,)
         )
         self.ahead: Future | None = None  # the step running while TorchServe's round trip happens
         self.step_ahead = self.continuous and self.settings.step_ahead
@@ -116,8 +120,9 @@ class JAIHandler(BaseHandler):
         self.max_batch = int(yaml_config.get("batchSize", 1))
         self.model_name = context.model_name
         self.versions: dict[str, JAIHandler.Version] = {}  # the current one and those finishing requests
-        self._serve(self._load_version(model_dir / self.settings.checkpoint, model_dir / self.settings.tokenizer,
-                                       model_dir))
+        self._serve(self.engine_thread.submit(
+            self._load_version, model_dir / self.settings.checkpoint, model_dir / self.settings.tokenizer, model_dir
+        ).result())
         self.calls: dict[str, JAIHandler.Call] = {}  # by TorchServe request id
         self.running: dict[str, JAIHandler.Running] = {}  # by engine request id
         self.reported_active = None  # last value of the jai_active_requests gauge this worker sent
@@ -125,9 +130,6 @@ class JAIHandler(BaseHandler):
         # model updates (jaiserve/updates.py, docs/updates.md): a new version loads and warms on a thread of
         # its own while this worker serves, and takes new requests from the next call on
         self.updates = UpdateState(self.drain.folder) if self.drain is not None else None
-        self.loader = ThreadPoolExecutor(
-            1, "jai-loader", initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
-        )
         self.loading: tuple[Path, Future] | None = None  # (version folder, its load) while one loads
         self.failed: Path | None = None  # a folder that would not load: not tried again until named again
         # handle() and the watcher take turns: a version changes between calls, never inside one
@@ -155,7 +157,7 @@ class JAIHandler(BaseHandler):
             max_prefill_tokens=self.settings.max_prefill_tokens,
             utf8_safe_sampling=self.settings.utf8_safe_sampling,
             window_stride=self.settings.window_stride,
-            threads=self.settings.threads or torch.get_num_threads(),
+            threads=self.threads,
             one_thread_rows=self.settings.one_thread_rows,
         )
         sha256 = file_sha256(checkpoint)
@@ -190,7 +192,7 @@ class JAIHandler(BaseHandler):
             "max_batch": self.engine.max_batch,
             "continuous_batching": self.continuous,
             "step_ahead": self.step_ahead,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": self.threads,
         }
         self.served = ServedModel(
             name=self.model_name,
@@ -240,7 +242,10 @@ class JAIHandler(BaseHandler):
             self._switch_to(loaded)
         else:
             logger.info("model update: loading %s", target)
-            self.loading = (target, self.loader.submit(self._load_and_warm, target))
+            # a thread for this load only: it ends once the load is done, and its OpenMP team with it
+            loader = ThreadPoolExecutor(1, "jai-loader", initializer=torch.set_num_threads, initargs=(self.threads,))
+            self.loading = (target, loader.submit(self._load_and_warm, target))
+            loader.shutdown(wait=False)
 
     def _switch_to(self, version: JAIHandler.Version):
         previous = self.current.name

@@ -3,6 +3,7 @@
 import json
 import shutil
 import threading
+import time
 from typing import NamedTuple
 
 import pytest
@@ -534,3 +535,39 @@ def test_a_new_version_takes_new_requests_while_running_ones_finish_on_theirs(mo
     assert json.loads(log["before"][-1]["body"])["model_version"] == old
     call(h, context, [])
     assert set(h.versions) == {h.current.name}  # retired once its last request ended
+
+
+def test_only_the_engine_thread_and_short_lived_loaders_run_torch_in_the_worker(model_dir, tmp_path, monkeypatch):
+    """GNU OpenMP gives each thread that runs a parallel operator a team of its own; with two long-lived
+    teams every parallel region of a step wakes a sleeping thread (jai_handler.py, the engine thread). So
+    the model loads on the engine thread, an update on a thread that ends after its load, and the
+    worker's main thread (TorchServe's) runs no torch operator of the model."""
+    from conftest import TINY, seed_checkpoint
+    from jaiserve.updates import UpdateState
+
+    loaded_on = []
+    real_load = jai_handler.load_model
+    monkeypatch.setattr(jai_handler, "load_model",
+                        lambda *a, **k: loaded_on.append(threading.current_thread().name) or real_load(*a, **k))
+    h, context = make_handler(model_dir)
+    assert loaded_on == ["jai-engine_0"]
+    ran_on = set()
+    for module in h.engine.model.modules():  # every forward of the model, prefill and decode
+        module.register_forward_pre_hook(lambda *_: ran_on.add(threading.current_thread().name))
+    call(h, context, [("a", {"prompt": "제주", "max_tokens": 6, "temperature": 0})])
+    drive(h, context, [("a", None)])
+    assert ran_on == {"jai-engine_0"}
+    h.updates = UpdateState(tmp_path / "server", pid=1)
+    (tmp_path / "server").mkdir()
+    new = tmp_path / "new"
+    new.mkdir()
+    seed_checkpoint(new / "ckpt.pt", seed=6, **TINY)
+    shutil.copy(model_dir / "tokenizer.json", new / "tokenizer.json")
+    (tmp_path / "server" / "model").write_text(f"{new}\n")
+    h._follow_updates()
+    h.loading[1].result(timeout=60)
+    assert loaded_on[1].startswith("jai-loader")
+    deadline = time.monotonic() + 10
+    while any(t.name == loaded_on[1] for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == loaded_on[1] for t in threading.enumerate())  # its OpenMP team ended with it

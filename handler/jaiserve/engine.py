@@ -114,10 +114,9 @@ class Engine:
             raise ValueError(f"window_stride must be an integer in [1, {block_size - 1}], got {window_stride!r}")
         self.window_stride = window_stride
         # torch threads of a step (None: leave torch's setting alone). A decode-only step of at most
-        # one_thread_rows rows runs on one: its second OpenMP thread gains little (one request, quiet 2-core
-        # Xeon: 5.0 vs 7.7 ms a step) and, whenever another thread of the machine takes that core (the
-        # frontend, the worker's protocol thread, a load generator), every parallel operator waits for it
-        # (measured: 20-140 ms a step instead of 5, on one thread 8-11 ms).
+        # one_thread_rows rows runs on one (0: never): for machines where a second thread mostly waits. The
+        # handler shipped 16 while its worker held two OpenMP teams, which made every parallel operator of
+        # a two-thread step wake a sleeping thread (jai_handler.py, the engine thread); 0 since.
         self.threads = threads
         self.one_thread_rows = one_thread_rows if threads else 0
         # tokens a full context is cropped to: with them in the cache, the next window_stride tokens decode
