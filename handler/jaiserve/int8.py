@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .model import GPT
-from .packed import PackedLinear
+from .packed import PackedLinear, replace_linears
 
 _TINY = torch.finfo(torch.float32).tiny  # an all-zero row keeps a finite scale
 # the activation grid: [-1, 1] onto 0..127 (what linear_dynamic with reduce_range picks for [-1, 1])
@@ -69,9 +69,4 @@ def quantize_int8(model: GPT) -> GPT:
         raise ValueError("dtype int8 runs on CPU only (fbgemm kernels); set handler.device: cpu")
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("int8 quantizes nn.Linear layers: load the model with cpu_linear='aten'")
-    model = model.float().eval()
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, child_name, Int8Linear(child))
-    return model
+    return replace_linears(model.float().eval(), Int8Linear)

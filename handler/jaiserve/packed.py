@@ -107,7 +107,7 @@ def pack_linears(model: GPT) -> GPT:
     if not onednn_available():
         logger.warning("cpu_linear onednn: this PyTorch build has no oneDNN; using torch's nn.Linear")
         return model
-    return _replace_linears(model, PackedLinear)
+    return replace_linears(model, PackedLinear)
 
 
 def bfloat16_available() -> bool:
@@ -122,13 +122,14 @@ def bfloat16_linears(model: GPT, cpu_linear: str = "onednn") -> GPT:
     if param.device.type != "cpu" or param.dtype != torch.float32:
         raise ValueError(f"bfloat16_linears needs a float32 CPU model, got {param.dtype} on {param.device.type}")
     if cpu_linear == "onednn" and bfloat16_available():
-        return _replace_linears(model, lambda linear: PackedLinear(linear, torch.bfloat16))
+        return replace_linears(model, lambda linear: PackedLinear(linear, torch.bfloat16))
     if cpu_linear == "onednn":
         logger.warning("dtype bfloat16: oneDNN has no bfloat16 kernels for this CPU; using torch's bfloat16 GEMM")
-    return _replace_linears(model, Bfloat16Linear)
+    return replace_linears(model, Bfloat16Linear)
 
 
-def _replace_linears(model: GPT, make) -> GPT:
+def replace_linears(model: GPT, make) -> GPT:
+    """Every ``nn.Linear`` of ``model``, the output head included, replaced by ``make(linear)``."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
