@@ -3,7 +3,6 @@
 import json
 import shutil
 import threading
-import time
 from typing import NamedTuple
 
 import pytest
@@ -500,32 +499,46 @@ def test_a_step_ahead_that_fails_is_a_500_for_the_next_batch_and_the_worker_goes
     assert json.loads(log["y"][-1]["body"])["usage"]["completion_tokens"] == 2
 
 
+def watch_updates(handler, tmp_path):
+    """The handler follows tmp_path/server, the folder scripts/update.py writes (jaiserve/updates.py)."""
+    from jaiserve.updates import UpdateState
+
+    handler.updates = UpdateState(tmp_path / "server", pid=1)
+    (tmp_path / "server").mkdir()
+
+
+def checkpoint_folder(model_dir, folder, seed):
+    """A retrained tiny model: a checkpoint of its own seed, the same tokenizer."""
+    from conftest import TINY, seed_checkpoint
+
+    folder.mkdir()
+    seed_checkpoint(folder / "ckpt.pt", seed=seed, **TINY)
+    shutil.copy(model_dir / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+def name_update(handler, tmp_path, folder):
+    """What scripts/update.py does: name ``folder``; the handler starts loading it. Returns the load."""
+    (tmp_path / "server" / "model").write_text(f"{folder}\n")
+    handler._follow_updates()
+    return handler.loading[1]
+
+
 def test_a_new_version_takes_new_requests_while_running_ones_finish_on_theirs(model_dir, tmp_path):
     """jaiserve/updates.py without a server: the folder scripts/update.py names is loaded on the loader
     thread; from the next call new requests go to it, a running one ends on its version, which retires."""
-    from conftest import TINY, seed_checkpoint
-    from jaiserve.updates import UpdateState
-
     h, context = make_handler(model_dir)
-    h.updates = UpdateState(tmp_path / "server", pid=1)
-    (tmp_path / "server").mkdir()
+    watch_updates(h, tmp_path)
     old = h.current.name
     call(h, context, [("before", {"prompt": "제주", "max_tokens": 12, "temperature": 0})])
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "server" / "model").write_text(f"{bad}\n")
-    h._follow_updates()
-    h.loading[1].exception(timeout=60)  # done (it failed)
+    name_update(h, tmp_path, bad).exception(timeout=60)  # done (it failed)
     call(h, context, [("before", None)])
     assert h.current.name == old and (tmp_path / "server" / "version.1").read_text().startswith(f"failed {bad}: ")
-    new = tmp_path / "new"
-    new.mkdir()
-    seed_checkpoint(new / "ckpt.pt", seed=5, **TINY)
-    shutil.copy(model_dir / "tokenizer.json", new / "tokenizer.json")
-    (tmp_path / "server" / "model").write_text(f"{new}\n")
-    h._follow_updates()
-    h.loading[1].result(timeout=60)
+    new = checkpoint_folder(model_dir, tmp_path / "new", seed=5)
+    name_update(h, tmp_path, new).result(timeout=60)
     replies = call(h, context, [("before", None), ("after", {"prompt": "제주", "max_tokens": 1, "temperature": 0})])
     assert h.current.name == file_sha256(new / "ckpt.pt")[:12] != old
     assert (tmp_path / "server" / "version.1").read_text() == f"{h.current.name} {new}\n"
@@ -542,8 +555,7 @@ def test_only_the_engine_thread_and_short_lived_loaders_run_torch_in_the_worker(
     teams every parallel region of a step wakes a sleeping thread (jai_handler.py, the engine thread). So
     the model loads on the engine thread, an update on a thread that ends after its load, and the
     worker's main thread (TorchServe's) runs no torch operator of the model."""
-    from conftest import TINY, seed_checkpoint
-    from jaiserve.updates import UpdateState
+    from test_operations import wait_for
 
     loaded_on = []
     real_load = jai_handler.load_model
@@ -557,17 +569,8 @@ def test_only_the_engine_thread_and_short_lived_loaders_run_torch_in_the_worker(
     call(h, context, [("a", {"prompt": "제주", "max_tokens": 6, "temperature": 0})])
     drive(h, context, [("a", None)])
     assert ran_on == {"jai-engine_0"}
-    h.updates = UpdateState(tmp_path / "server", pid=1)
-    (tmp_path / "server").mkdir()
-    new = tmp_path / "new"
-    new.mkdir()
-    seed_checkpoint(new / "ckpt.pt", seed=6, **TINY)
-    shutil.copy(model_dir / "tokenizer.json", new / "tokenizer.json")
-    (tmp_path / "server" / "model").write_text(f"{new}\n")
-    h._follow_updates()
-    h.loading[1].result(timeout=60)
+    watch_updates(h, tmp_path)
+    name_update(h, tmp_path, checkpoint_folder(model_dir, tmp_path / "new", seed=6)).result(timeout=60)
     assert loaded_on[1].startswith("jai-loader")
-    deadline = time.monotonic() + 10
-    while any(t.name == loaded_on[1] for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name == loaded_on[1] for t in threading.enumerate())  # its OpenMP team ended with it
+    # the loader thread ends after its load, and its OpenMP team with it
+    wait_for(lambda: all(t.name != loaded_on[1] for t in threading.enumerate()), 10, what="the loader thread to end")

@@ -27,6 +27,7 @@ import requests
 import torch
 
 from conftest import TINY
+from test_operations import wait_for
 from ts_launcher import BIN, ROOT, alive, absolute_javaagent, archive, free_ports
 
 pytestmark = pytest.mark.e2e
@@ -47,15 +48,6 @@ handler:
   threads: 1
   defaults: {max_tokens: 8, temperature: 0}
 """
-
-
-def wait_for(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-    return value
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +111,10 @@ def test_serve_sh_stop_drains_running_requests_and_refuses_new_ones(tmp_path, ti
                                 headers={"Authorization": f"Bearer {keys['management']['key']}"}).json()[0]["workers"]
         response, lines = long_stream(url, headers)
         count = folder / f"active.{worker['pid']}"  # the worker published that it holds one request
-        wait_for(lambda: count.exists() and count.read_text() == "1\n", 30, "the worker's count")
+        wait_for(lambda: count.exists() and count.read_text() == "1\n", 30, what="the worker's count")
         with open(tmp_path / "stop.out", "w") as out:
             stopping = subprocess.Popen([str(SERVE), "stop"], env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        wait_for(lambda: (folder / "draining").exists(), 30, "the drain marker")
+        wait_for(lambda: (folder / "draining").exists(), 30, what="the drain marker")
         assert subprocess.run(health, env=env, capture_output=True, text=True, timeout=30).stdout == "draining\n"
         refused = requests.post(f"{url}/predictions/jai", headers=headers, json={"prompt": "부산"}, timeout=120)
         assert refused.status_code == 503, refused.text
@@ -179,7 +171,7 @@ def test_the_image_entry_script_serves_and_drains_on_sigterm(tmp_path, tiny_arch
     with open(tmp_path / "entrypoint.log", "w") as log:
         entry = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: entry.poll() is not None or health().returncode == 0, 180, "a healthy server")
+        wait_for(lambda: entry.poll() is not None or health().returncode == 0, 180, what="a healthy server")
         assert entry.poll() is None, (tmp_path / "entrypoint.log").read_text()[-3000:]
         assert health().stdout.strip() == "healthy" and health("--ready").returncode == 0
         config = properties((run_dir / "config.properties").read_text())  # the repo's, then the overrides
@@ -188,7 +180,7 @@ def test_the_image_entry_script_serves_and_drains_on_sigterm(tmp_path, tiny_arch
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3  # no token needed
         response, lines = long_stream(url)
         entry.send_signal(signal.SIGTERM)  # docker stop; the kubelet after the preStop
-        ready = wait_for(lambda: (r := health("--ready")).returncode != 0 and r, 30, "readiness to fail")
+        ready = wait_for(lambda: (r := health("--ready")).returncode != 0 and r, 30, what="readiness to fail")
         assert ready.stdout.strip() == "draining" and health().returncode == 0  # alive, just not ready
         refused = requests.post(f"{url}/predictions/jai", json={"prompt": "부산"}, timeout=120)
         assert refused.status_code == 503 and refused.json()["type"] == "Draining"
@@ -318,7 +310,8 @@ class Load:
                     and (instance is None or r.instance == instance)]
 
     def wait_until(self, condition, what: str):
-        wait_for(lambda: condition() or self.stop.is_set(), max(1.0, self.deadline - time.monotonic()), what)
+        wait_for(lambda: condition() or self.stop.is_set(), max(1.0, self.deadline - time.monotonic()),
+                 interval=0.1, what=what)
         assert not self.stop.is_set() and time.monotonic() < self.deadline, f"load ended before {what}"
 
 
@@ -355,10 +348,10 @@ def test_a_killed_instance_fails_only_its_running_requests_and_comes_back(cluste
         for pid in (frontend, *workers):  # the whole instance dies at once, as with a lost machine
             os.kill(pid, signal.SIGKILL)
         # from when its port refuses connections, no request can reach it any more
-        wait_for(lambda: refused(cluster.instance_url(1)), 30, "instance 1's port to refuse connections")
+        wait_for(lambda: refused(cluster.instance_url(1)), 30, what="instance 1's port to refuse connections")
         killed_at = time.monotonic()
         load.wait_until(lambda: len(load.done(since=killed_at)) >= 48, "48 requests after the kill")
-        wait_for(lambda: cluster.servers().get("1") == "DOWN", 30, "HAProxy to mark instance 1 down")
+        wait_for(lambda: cluster.servers().get("1") == "DOWN", 30, what="HAProxy to mark instance 1 down")
         restarting_at = time.monotonic()
         cluster.multi("start-instance", "1")  # same ports; returns once HAProxy sees it healthy
         back_at = time.monotonic()
