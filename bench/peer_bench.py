@@ -189,10 +189,10 @@ def print_table(rows: list[dict]) -> None:
         tokens = f"{r['tokens_per_s']:.0f}"
         if len(r.get("tokens_per_s_runs", ())) > 1:
             tokens += f" ({min(r['tokens_per_s_runs']):.0f}-{max(r['tokens_per_s_runs']):.0f})"
-        ratio = lambda other: f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}" if other else ""  # noqa: E731
+        to_llama, to_alone = (f"{r['tokens_per_s'] / o['tokens_per_s']:.2f}" if o else "" for o in (llama, alone))
         timing = ("| | " if r["target"].startswith(IN_PROCESS) else
                   f"| {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['itl_ms_p50']:.1f} / {r['itl_ms_p99']:.1f} ")
-        print(f"| {r['clients']} | {r['target']} | {r['dtype']} | {tokens} | {ratio(llama)} | {ratio(alone)} {timing}|")
+        print(f"| {r['clients']} | {r['target']} | {r['dtype']} | {tokens} | {to_llama} | {to_alone} {timing}|")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
