@@ -164,14 +164,14 @@ def test_device_resolution():
 def test_decode_attention_matches_scaled_dot_product_attention():
     torch.manual_seed(0)
     B, nh, L, hs = 5, 3, 17, 8
-    q = torch.randn(B, 1, 3 * nh * hs)[..., : nh * hs].reshape(B, 1, nh, hs).transpose(1, 2)  # a strided view
+    q = torch.randn(B, 3 * nh * hs)[:, : nh * hs].view(B, nh, hs)  # a strided view, as c_attn's output gives
     cache = torch.randn(2, B, nh, 32, hs)  # the cache's layout: k and v are views of its first L positions
     k, v = cache[0, :, :, :L], cache[1, :, :, :L]
     lengths = torch.tensor([17, 1, 9, 16, 4])
     mask = torch.zeros(B, L).masked_fill_(torch.arange(L)[None, :] >= lengths[:, None], float("-inf"))
-    mask = mask[:, None, None, :]
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, 1, nh * hs)
-    torch.testing.assert_close(decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+    for mask in (mask[:, None, None, :], None):  # None: every row sees every key
+        expected = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask).reshape(B, nh * hs)
+        torch.testing.assert_close(decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_packed_prompts_attend_like_a_block_diagonal_mask():

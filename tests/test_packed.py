@@ -83,6 +83,23 @@ def test_packed_linear_matches_nn_linear(shape):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_packed_model_applies_gelu_inside_the_mlp_input_product(tiny_ckpt):
+    """pack_linears gives GELU to oneDNN (one operator call less per block): same values as the layer
+    followed by nn.GELU, rows still the same alone and in any batch."""
+    model = load_model(tiny_ckpt[0], n_head=TINY["n_head"])
+    for block in model.blocks:
+        assert block.mlp.c_fc.post_op[0] == "gelu" and isinstance(block.mlp.gelu, torch.nn.Identity)
+        assert block.mlp.c_proj.post_op[0] == "none" and block.attn.c_attn.post_op[0] == "none"
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(384, 1536)
+    fused = PackedLinear(linear)
+    fused.fuse_gelu()
+    x = torch.randn(7, 384) * 3
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), torch.nn.functional.gelu(linear(x)), rtol=1e-5, atol=1e-5)
+        assert torch.equal(fused(x[:1]), fused(x)[:1])
+
+
 def test_packed_rows_are_bitwise_the_same_alone_and_in_any_batch():
     torch.manual_seed(1)
     layer = PackedLinear(torch.nn.Linear(384, 1152))

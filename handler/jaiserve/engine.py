@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .detokenizer import IncrementalDetokenizer
-from .model import GPT, DecodeWrite, KVCache, PackedPrompts, PrefillWrite
+from .model import GPT, DecodeStep, KVCache, PackedPrompts, PrefillWrite
 from .sampling import ParameterError, SamplingParams, sample
 from .utf8 import BOUNDARY, Utf8Mask
 
@@ -334,18 +334,12 @@ class Engine:
 
     def _decode(self, reqs: list[_Request]) -> torch.Tensor:
         assert reqs == self.rows[: len(reqs)], "decode rows must be the leading cache rows"
-        dev = self.device
-        positions = torch.tensor([r.cached for r in reqs], device=dev)  # (B,)
-        ids = torch.tensor([[r.context[-1]] for r in reqs], device=dev)  # (B, 1)
-        kv_len = max(r.cached for r in reqs) + 1
-        visible = torch.arange(kv_len, device=dev)[None, :] <= positions[:, None]  # (B, kv_len)
-        # additive, made once per step: attention would convert a boolean mask again in every layer
-        mask = torch.zeros(visible.shape, device=dev, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
-        write = DecodeWrite(self.cache, positions, kv_len)
-        h = self.model.hidden(ids, positions[:, None], mask[:, None, None, :], write)  # (B, 1, C)
+        step = DecodeStep(self.cache, [r.cached for r in reqs])
+        ids = torch.tensor([r.context[-1] for r in reqs], device=self.device)  # (B,)
+        h = self.model.hidden(ids, step.positions, kv_write=step)  # (B, C)
         for r in reqs:
             r.cached += 1
-        return self.model.head(h[:, -1])
+        return self.model.head(h)
 
     # ----- per-token bookkeeping -----
 

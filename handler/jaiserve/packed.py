@@ -53,15 +53,22 @@ class PackedLinear(nn.Module):
         self.register_buffer("_packed", torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias", bias, persistent=False)
+        self.post_op = ("none", [], "")  # what oneDNN applies to the output: see fuse_gelu
+
+    def fuse_gelu(self) -> None:
+        """Apply the exact (erf) GELU to the output inside oneDNN's product, float32 only: a decode step
+        then makes one operator call less per block. It computes what ``nn.GELU()`` after the layer does
+        (tests/test_packed.py)."""
+        assert self.weight_dtype == torch.float32, "a bfloat16 product gets its float32 bias after oneDNN"
+        self.post_op = ("gelu", [], "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).contiguous()
+        if x.dim() != 2:  # (B, T, C) sequences; decode steps pass (B, C) rows as they are
+            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if self.weight_dtype == torch.float32:
-            y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, self.bias, "none", [], "")
-        else:
-            y = _float32_plus_bias(torch.ops.mkldnn._linear_pointwise(
-                rows.to(self.weight_dtype), self._packed, None, "none", [], ""), self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._packed, self.bias, *self.post_op)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.weight_dtype).contiguous(), self._packed, None, *self.post_op)
+        return _float32_plus_bias(y, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -107,7 +114,11 @@ def pack_linears(model: GPT) -> GPT:
     if not onednn_available():
         logger.warning("cpu_linear onednn: this PyTorch build has no oneDNN; using torch's nn.Linear")
         return model
-    return replace_linears(model, PackedLinear)
+    replace_linears(model, PackedLinear)
+    for block in model.blocks:
+        block.mlp.c_fc.fuse_gelu()
+        block.mlp.gelu = nn.Identity()
+    return model
 
 
 def bfloat16_available() -> bool:
