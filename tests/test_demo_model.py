@@ -60,7 +60,8 @@ def _answer(model, tokenizer, questions):
 def test_same_seed_same_model(tmp_path):
     """Each build runs as `make demo` runs it, in a fresh interpreter: the same seed on one machine gives
     the same files. (In-process, after most of the suite, two builds once differed; the thread count
-    alone changes the tensors: 1 and 2 torch threads give different ones.)"""
+    alone changes the tensors: 1 and 2 torch threads give different ones. Later, in subprocesses, about one
+    suite in twenty: the script now fixes MKL's thread count and asks for its reproducible mode.)"""
 
     def build(name, seed):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_model.py"), "--out-dir", str(tmp_path / name),
