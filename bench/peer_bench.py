@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "tests"), str(ROOT / "bench"), str(ROOT)]
 
 from engine_bench import PROMPT_TOKENS, make_engine  # noqa: E402
-from jaiserve import SamplingParams, load_model  # noqa: E402
+from jaiserve import SamplingParams, load_model, load_tokenizer  # noqa: E402
 from load_bench import (  # noqa: E402
     _read_events, draw_levels, make_bench_model, median_row, run_clients, summarize)
 from scripts import llama_server  # noqa: E402
@@ -142,10 +142,11 @@ def run_level(target, clients: int, requests_per_client: int, tokens: int) -> di
     return summarize(results, clients, wall, client_cpu)
 
 
-def in_process(engine_model, clients: int, requests_per_client: int, tokens: int) -> dict:
+def in_process(engine_model, tokenizer, clients: int, requests_per_client: int, tokens: int) -> dict:
     """The same requests through ``Engine.generate`` in this process: ``clients`` at a time, in waves, on
-    torch's threads at every step (what the engine makes with both cores to itself)."""
-    engine = make_engine(engine_model, SLOTS)
+    torch's threads at every step (what the engine makes with both cores to itself). With the tokenizer, as
+    served: each token detokenized, sampling UTF-8 safe (without them the engine made 4% more at 64 rows)."""
+    engine = make_engine(engine_model, SLOTS, tokenizer=tokenizer)
     engine.generate([[1] * 4], [SamplingParams(max_tokens=4)])  # warm-up
     produced, began = 0, time.perf_counter()
     for wave in range(requests_per_client):
@@ -256,6 +257,7 @@ def main() -> None:
         models = {dtype: load_model(checkpoint, dtype=dtype, cpu_linear=settings["cpu_linear"])
                   for dtype in args.dtypes}
         block_size = next(iter(models.values())).config.block_size
+        engine_tokenizer = load_tokenizer(tokenizer, next(iter(models.values())).config.vocab_size)
         torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
         with contextlib.ExitStack() as stack:  # every server up at once; one is loaded at a time
             targets = []
@@ -297,7 +299,7 @@ def main() -> None:
                     for dtype, model in models.items():
                         busy = quiet()
                         alone = {"target": f"{IN_PROCESS} {dtype}", "dtype": dtype, "busy_before": busy,
-                                 **in_process(model, clients, args.requests_per_client, args.tokens)}
+                                 **in_process(model, engine_tokenizer, clients, args.requests_per_client, args.tokens)}
                         runs.setdefault(alone["target"], []).append(alone)
                         print(f"  {alone['target']:30s} {clients:3d} clients {alone['tokens_per_s']:7.1f} tokens/s",
                               file=sys.stderr)
