@@ -101,7 +101,6 @@ def variant(name: str) -> tuple[dict, dict]:
 class TorchServeTarget:
     server: object  # ts_launcher.Server
     name: str = OURS
-    dtype: str = "float32"
 
     @property
     def completions_url(self) -> str:
@@ -282,7 +281,7 @@ def main() -> None:
                 archive(root, checkpoint, tokenizer, root / "model-config.yaml")
                 server = stack.enter_context(running_torchserve(root, properties=properties))
                 name = f"{OURS} {dtype}" + (f", {variant_name}" if variant_name else "")
-                targets.append((TorchServeTarget(server, name, dtype), dtype))
+                targets.append((TorchServeTarget(server, name), dtype))
             for target, _ in targets:
                 for clients, tokens in WARM_UP["torchserve" if isinstance(target, TorchServeTarget) else "llama-server"]:
                     run_level(target, clients, 2, tokens)

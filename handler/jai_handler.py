@@ -111,9 +111,7 @@ class JAIHandler(BaseHandler):
         # elementwise add of 200k floats: 12 us with one team, 65-85 us with two; a two-thread decode step
         # 4.7 ms against 9.1-9.8). So TorchServe's main thread runs none, and a model update loads on a
         # thread that ends after it (its team ends with it).
-        self.engine_thread = ThreadPoolExecutor(
-            1, "jai-engine", initializer=torch.set_num_threads, initargs=(self.threads,)
-        )
+        self.engine_thread = self._torch_thread("jai-engine")
         self.ahead: Future | None = None  # the step running while TorchServe's round trip happens
         self.step_ahead = self.continuous and self.settings.step_ahead
         self.device = self._device(properties)
@@ -243,9 +241,13 @@ class JAIHandler(BaseHandler):
         else:
             logger.info("model update: loading %s", target)
             # a thread for this load only: it ends once the load is done, and its OpenMP team with it
-            loader = ThreadPoolExecutor(1, "jai-loader", initializer=torch.set_num_threads, initargs=(self.threads,))
+            loader = self._torch_thread("jai-loader")
             self.loading = (target, loader.submit(self._load_and_warm, target))
             loader.shutdown(wait=False)
+
+    def _torch_thread(self, name: str) -> ThreadPoolExecutor:
+        """One thread that runs torch with this worker's thread count (torch gives a new thread its default)."""
+        return ThreadPoolExecutor(1, name, initializer=torch.set_num_threads, initargs=(self.threads,))
 
     def _switch_to(self, version: JAIHandler.Version):
         previous = self.current.name
